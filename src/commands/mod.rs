@@ -1,0 +1,56 @@
+//! The command line: one module per subcommand.
+
+pub mod embed;
+pub mod enqueue;
+pub mod index;
+pub mod run;
+pub mod search;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::settings::Settings;
+
+#[derive(Debug, Parser)]
+#[command(name = "embed-worker", version, about = "Redis Stream -> ONNX embeddings -> Redis vector index")]
+pub struct Cli {
+    /// Configuration file layered over config/default.toml (env EMBED_WORKER__SECTION__KEY wins over both).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker: read the stream, embed, write hashes, ack.
+    Run(run::Args),
+    /// Print one JSON array of floats per text, one per line (texts from arguments, or stdin lines).
+    Embed(embed::Args),
+    /// KNN search: embed TEXT and print the nearest documents, as the Redis docs page does.
+    Search(search::Args),
+    /// XADD JSON lines ({"id":..,"content":..,...}) to the stream.
+    Enqueue(enqueue::Args),
+    /// Create, drop or describe the index.
+    Index(index::Args),
+}
+
+/// Runs a parsed command line.
+pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    crate::observe::logging::init(&settings.log);
+    match cli.command {
+        Command::Run(args) => run::execute(settings, args),
+        Command::Embed(args) => embed::execute(settings, args),
+        Command::Search(args) => search::execute(settings, args),
+        Command::Enqueue(args) => enqueue::execute(settings, args),
+        Command::Index(args) => index::execute(settings, args),
+    }
+}
+
+/// A current-thread runtime for the short-lived commands.
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}

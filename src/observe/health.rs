@@ -1,0 +1,41 @@
+//! Readiness facts, set by the stages that learn them and read by `/readyz`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Health {
+    model_loaded: AtomicBool,
+    redis_reachable: AtomicBool,
+    group_present: AtomicBool,
+    index_present: AtomicBool,
+}
+
+impl Health {
+    pub fn set_model_loaded(&self, v: bool) {
+        self.model_loaded.store(v, Ordering::Relaxed);
+    }
+    pub fn set_redis_reachable(&self, v: bool) {
+        self.redis_reachable.store(v, Ordering::Relaxed);
+    }
+    pub fn set_group_present(&self, v: bool) {
+        self.group_present.store(v, Ordering::Relaxed);
+    }
+    pub fn set_index_present(&self, v: bool) {
+        self.index_present.store(v, Ordering::Relaxed);
+    }
+
+    /// Ready = model loaded, Redis reachable, group and index present. On failure, what is missing.
+    pub fn ready(&self) -> Result<(), Vec<&'static str>> {
+        let missing: Vec<&'static str> = [
+            (&self.model_loaded, "model not loaded"),
+            (&self.redis_reachable, "redis unreachable"),
+            (&self.group_present, "consumer group missing"),
+            (&self.index_present, "index missing"),
+        ]
+        .into_iter()
+        .filter(|(flag, _)| !flag.load(Ordering::Relaxed))
+        .map(|(_, what)| what)
+        .collect();
+        if missing.is_empty() { Ok(()) } else { Err(missing) }
+    }
+}

@@ -1,0 +1,12 @@
+//! The data path, one file per stage:
+//! [`consume`] (XREADGROUP / XAUTOCLAIM) -> [`entry`] (parse or reject) -> [`embed`] (tokenise,
+//! [`batch`] by length, model) -> [`write`] (HSET, then XACK; dead letters) — joined in [`worker`].
+
+pub mod batch;
+pub mod consume;
+pub mod embed;
+pub mod entry;
+pub mod worker;
+pub mod write;
+
+pub use worker::{run, RunOptions, RunSummary, WorkerError};

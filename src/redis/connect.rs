@@ -1,0 +1,223 @@
+//! Connections from settings (URL, ACL user, password, TLS), and what each Redis error means
+//! for the caller: retry after a back-off, or stop.
+
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError};
+
+use crate::settings::{redact_url, RedisSettings};
+
+/// What a caller does about a Redis error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Connection trouble, a restart, LOADING, BUSY, a timeout: back off, reconnect, try again.
+    Retry,
+    /// Wrong password, missing permission, bad TLS set-up, a schema conflict: a person must act.
+    Stop,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis {url}: {source}")]
+    Redis { url: String, source: RedisError },
+    #[error("redis {url}: cannot read {what} {path}: {source}")]
+    TlsFile { url: String, what: &'static str, path: String, source: std::io::Error },
+    #[error("redis {url}: {message}")]
+    Setup { url: String, message: String },
+}
+
+impl StoreError {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            StoreError::Redis { source, .. } => classify(source),
+            StoreError::TlsFile { .. } | StoreError::Setup { .. } => Disposition::Stop,
+        }
+    }
+}
+
+/// Transient errors are worth retrying; everything a person must fix stops the worker.
+pub fn classify(err: &RedisError) -> Disposition {
+    if let Some(code) = err.code() {
+        return match code {
+            "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY" => Disposition::Retry,
+            "NOAUTH" | "WRONGPASS" | "NOPERM" => Disposition::Stop,
+            _ => Disposition::Stop,
+        };
+    }
+    if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() || err.is_timeout() {
+        // A TLS handshake failure (unknown CA, bad certificate) also surfaces as I/O, but it
+        // will not fix itself.
+        let text = err.to_string().to_lowercase();
+        if text.contains("certificate") || text.contains("tls") && text.contains("handshake") {
+            return Disposition::Stop;
+        }
+        return Disposition::Retry;
+    }
+    match err.kind() {
+        ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig => Disposition::Stop,
+        _ => Disposition::Retry,
+    }
+}
+
+/// A client built from the settings, password kept out of every message.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    /// The URL with any password masked, for messages.
+    pub url: String,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+}
+
+impl Store {
+    pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let url = redact_url(&settings.url);
+        let setup = |message: String| StoreError::Setup { url: url.clone(), message };
+        let mut info = settings
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| setup(format!("invalid URL: {}", redact_message(&e.to_string(), settings))))?;
+        let mut redis_info = info.redis_settings().clone();
+        if !settings.username.is_empty() {
+            redis_info = redis_info.set_username(&settings.username);
+        }
+        if !settings.password.is_empty() {
+            redis_info = redis_info.set_password(settings.password.expose());
+        }
+        redis_info = redis_info.set_lib_name("embed-worker", env!("CARGO_PKG_VERSION"));
+        info = info.set_redis_settings(redis_info);
+
+        let tls = settings.url.starts_with("rediss://");
+        let client = if tls && (!settings.tls_ca_file.is_empty() || !settings.tls_cert_file.is_empty()) {
+            let read = |what: &'static str, path: &str| {
+                std::fs::read(path).map_err(|source| StoreError::TlsFile {
+                    url: url.clone(),
+                    what,
+                    path: path.to_string(),
+                    source,
+                })
+            };
+            let root_cert = if settings.tls_ca_file.is_empty() {
+                None
+            } else {
+                Some(read("CA file", &settings.tls_ca_file)?)
+            };
+            let client_tls = if settings.tls_cert_file.is_empty() {
+                None
+            } else {
+                Some(::redis::ClientTlsConfig {
+                    client_cert: read("client certificate", &settings.tls_cert_file)?,
+                    client_key: read("client key", &settings.tls_key_file)?,
+                })
+            };
+            Client::build_with_tls(info, ::redis::TlsCertificates { client_tls, root_cert })
+                .map_err(|e| setup(format!("TLS set-up: {e}")))?
+        } else {
+            if !tls && !settings.tls_ca_file.is_empty() {
+                return Err(setup("redis.tls_ca_file is set but the URL is not rediss://".into()));
+            }
+            Client::open(info).map_err(|e| setup(e.to_string()))?
+        };
+        Ok(Self {
+            client,
+            url,
+            connect_timeout: settings.connect_timeout,
+            command_timeout: settings.command_timeout,
+        })
+    }
+
+    /// A new multiplexed connection whose replies may take up to `extra` beyond the command
+    /// timeout (for blocking reads).
+    pub async fn connect_with(&self, extra: Duration) -> Result<MultiplexedConnection, StoreError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.command_timeout + extra));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|source| self.error(source))
+    }
+
+    pub async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
+        self.connect_with(Duration::ZERO).await
+    }
+
+    /// Wraps a Redis error with the (redacted) URL.
+    pub fn error(&self, source: RedisError) -> StoreError {
+        StoreError::Redis { url: self.url.clone(), source }
+    }
+}
+
+/// Removes the password from an error message that might echo the URL.
+fn redact_message(message: &str, settings: &RedisSettings) -> String {
+    let mut out = message.replace(&settings.url, &redact_url(&settings.url));
+    if !settings.password.is_empty() {
+        out = out.replace(settings.password.expose(), "***");
+    }
+    out
+}
+
+/// Capped exponential back-off with full jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self { initial, max, attempt: 0 }
+    }
+
+    /// The next delay: uniformly random in [cap/2, cap], cap = min(max, initial * 2^attempt).
+    pub fn next_delay(&mut self) -> Duration {
+        let factor = 2u32.saturating_pow(self.attempt.min(20));
+        self.attempt = self.attempt.saturating_add(1);
+        let cap = self.initial.saturating_mul(factor).min(self.max);
+        let half = cap / 2;
+        half + Duration::from_secs_f64(rand::random::<f64>() * half.as_secs_f64())
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..30 {
+            assert!(b.next_delay() <= Duration::from_secs(1));
+        }
+        let late = b.next_delay();
+        assert!(late >= Duration::from_millis(500), "{late:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn server_error_codes_have_dispositions() {
+        let loading = RedisError::from((ErrorKind::Server(::redis::ServerErrorKind::BusyLoading), "LOADING"));
+        assert_eq!(classify(&loading), Disposition::Retry);
+        let io = RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+        assert_eq!(classify(&io), Disposition::Retry);
+    }
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        let mut s = crate::settings::Settings::load_from(None, Vec::new()).unwrap().redis;
+        s.url = "redis://u:topsecret@127.0.0.1:1".into();
+        let store = Store::new(&s).unwrap();
+        assert!(!store.url.contains("topsecret"));
+        assert!(!redact_message("bad redis://u:topsecret@127.0.0.1:1", &s).contains("topsecret"));
+    }
+}

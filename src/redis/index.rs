@@ -1,0 +1,167 @@
+//! The FT index: created when missing, checked against the model when present.
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::Value;
+
+use super::connect::{Store, StoreError};
+use crate::settings::IndexSettings;
+
+/// The vector field facts an existing index must agree with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VectorSpec {
+    pub dim: usize,
+    pub data_type: String,
+    pub metric: String,
+}
+
+/// The FT.CREATE arguments for the settings and the model's dimension.
+pub fn create_args(settings: &IndexSettings, dim: usize) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        settings.name.clone(),
+        "ON".into(),
+        "HASH".into(),
+        "PREFIX".into(),
+        "1".into(),
+        settings.prefix.clone(),
+        "SCHEMA".into(),
+    ];
+    for field in &settings.schema {
+        args.extend(field.split_whitespace().map(str::to_string));
+    }
+    let algorithm = settings.algorithm.to_uppercase();
+    let mut attrs: Vec<String> = vec![
+        "TYPE".into(),
+        "FLOAT32".into(),
+        "DIM".into(),
+        dim.to_string(),
+        "DISTANCE_METRIC".into(),
+        settings.distance_metric.to_uppercase(),
+    ];
+    if algorithm == "HNSW" {
+        attrs.extend([
+            "M".into(),
+            settings.m.to_string(),
+            "EF_CONSTRUCTION".into(),
+            settings.ef_construction.to_string(),
+        ]);
+    }
+    args.extend([settings.vector_field.clone(), "VECTOR".into(), algorithm, attrs.len().to_string()]);
+    args.extend(attrs);
+    args
+}
+
+/// FT.INFO as a flat map of top-level keys; `None` when the index does not exist.
+pub async fn info(conn: &mut MultiplexedConnection, name: &str) -> Result<Option<Vec<(String, Value)>>, ::redis::RedisError> {
+    let reply: Result<Value, _> = ::redis::cmd("FT.INFO").arg(name).query_async(conn).await;
+    match reply {
+        Ok(value) => Ok(Some(pairs(&value))),
+        Err(e) if is_unknown_index(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_unknown_index(e: &::redis::RedisError) -> bool {
+    let text = e.to_string().to_lowercase();
+    text.contains("unknown index name") || text.contains("no such index") || text.contains("not found")
+}
+
+/// Reads the vector field's spec from an FT.INFO reply.
+pub fn vector_spec(info: &[(String, Value)], field: &str) -> Option<VectorSpec> {
+    let attributes = info.iter().find(|(k, _)| k.eq_ignore_ascii_case("attributes"))?;
+    let Value::Array(list) = &attributes.1 else { return None };
+    list.iter().find_map(|attr| {
+        let kv = pairs(attr);
+        let get = |key: &str| kv.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| text(v));
+        if get("identifier")? != field || get("type")?.to_uppercase() != "VECTOR" {
+            return None;
+        }
+        Some(VectorSpec {
+            dim: get("dim")?.parse().ok()?,
+            data_type: get("data_type")?.to_uppercase(),
+            metric: get("distance_metric")?.to_uppercase(),
+        })
+    })
+}
+
+/// Creates the index when missing; refuses an existing one whose vector field disagrees.
+pub async fn ensure(store: &Store, conn: &mut MultiplexedConnection, settings: &IndexSettings, dim: usize) -> Result<bool, StoreError> {
+    let wanted = VectorSpec { dim, data_type: "FLOAT32".into(), metric: settings.distance_metric.to_uppercase() };
+    match info(conn, &settings.name).await.map_err(|e| store.error(e))? {
+        Some(existing) => {
+            let found = vector_spec(&existing, &settings.vector_field);
+            match found {
+                Some(spec) if spec == wanted => Ok(false),
+                other => Err(StoreError::Setup {
+                    url: store.url.clone(),
+                    message: format!(
+                        "index {:?} exists but its vector field {:?} is {} while the model needs {} DIM {} {}. \
+                         Fix: drop it (`embed-worker index drop`; documents stay) or set index.name to a new index",
+                        settings.name,
+                        settings.vector_field,
+                        other.map_or("missing".to_string(), |s| format!("{} DIM {} {}", s.data_type, s.dim, s.metric)),
+                        wanted.data_type,
+                        wanted.dim,
+                        wanted.metric
+                    ),
+                }),
+            }
+        }
+        None => {
+            let result: Result<(), _> = ::redis::cmd("FT.CREATE").arg(create_args(settings, dim)).query_async(conn).await;
+            match result {
+                Ok(()) => Ok(true),
+                // Another worker created it between our FT.INFO and FT.CREATE.
+                Err(e) if e.to_string().contains("already exists") => Ok(false),
+                Err(e) => Err(store.error(e)),
+            }
+        }
+    }
+}
+
+/// Drops the index (documents stay unless `delete_docs`).
+pub async fn drop(conn: &mut MultiplexedConnection, name: &str, delete_docs: bool) -> Result<(), ::redis::RedisError> {
+    let mut cmd = ::redis::cmd("FT.DROPINDEX");
+    cmd.arg(name);
+    if delete_docs {
+        cmd.arg("DD");
+    }
+    cmd.query_async(conn).await
+}
+
+/// A reply value as text (bulk strings, simple strings, numbers).
+pub fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::SimpleString(s) => s.clone(),
+        Value::Int(i) => i.to_string(),
+        Value::Double(d) => d.to_string(),
+        Value::Okay => "OK".into(),
+        Value::Nil => String::new(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A flat [k, v, k, v, ...] array (or a RESP3 map) as pairs.
+pub fn pairs(v: &Value) -> Vec<(String, Value)> {
+    match v {
+        Value::Array(items) => items.chunks(2).filter(|c| c.len() == 2).map(|c| (text(&c[0]), c[1].clone())).collect(),
+        Value::Map(items) => items.iter().map(|(k, v)| (text(k), v.clone())).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_args_match_the_docs_page() {
+        let s = crate::settings::Settings::load_from(None, Vec::new()).unwrap().index;
+        let args = create_args(&s, 384).join(" ");
+        assert_eq!(
+            args,
+            "vector_idx ON HASH PREFIX 1 doc: SCHEMA content TEXT genre TAG embedding VECTOR HNSW 10 \
+             TYPE FLOAT32 DIM 384 DISTANCE_METRIC L2 M 16 EF_CONSTRUCTION 200"
+        );
+    }
+}

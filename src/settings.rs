@@ -1,0 +1,420 @@
+//! Configuration: `config/default.toml`, then an optional `--config FILE`, then
+//! `EMBED_WORKER__SECTION__KEY` environment variables. Every key is documented in
+//! `config/default.toml`; unknown keys are an error, so a typo never becomes a silent default.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The built-in defaults, so the binary works from any directory.
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub redis: RedisSettings,
+    pub stream: StreamSettings,
+    pub index: IndexSettings,
+    pub model: ModelSettings,
+    pub batch: BatchSettings,
+    pub worker: WorkerSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Server URL: redis:// or rediss:// (TLS).
+    pub url: String,
+    /// ACL user; empty = the URL's user or "default".
+    pub username: String,
+    /// Password; empty = the URL's or none. Wrapped so it never reaches a log line.
+    pub password: Secret,
+    /// CA bundle (PEM) for rediss://; empty = system roots.
+    pub tls_ca_file: String,
+    /// Client certificate (PEM) for mutual TLS.
+    pub tls_cert_file: String,
+    /// Client key (PEM) for mutual TLS.
+    pub tls_key_file: String,
+    /// Limit on one connection attempt.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Limit on one command round trip.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// First reconnect delay after a transient error.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Cap of the exponential reconnect delay.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSettings {
+    /// Stream producers XADD to.
+    pub name: String,
+    /// Consumer group shared by all workers.
+    pub group: String,
+    /// This worker's consumer name; empty = "<hostname>-<pid>".
+    pub consumer: String,
+    /// Field carrying the text.
+    pub text_field: String,
+    /// Field carrying the document id.
+    pub id_field: String,
+    /// Entries per XREADGROUP.
+    pub read_count: usize,
+    /// XREADGROUP BLOCK time.
+    #[serde(with = "humantime_serde")]
+    pub block: Duration,
+    /// Pending entries idle longer than this are reclaimed from their (presumed dead) consumer.
+    #[serde(with = "humantime_serde")]
+    pub claim_idle: Duration,
+    /// How often to look for such entries.
+    #[serde(with = "humantime_serde")]
+    pub claim_interval: Duration,
+    /// Idle consumers owning nothing are deleted after this long.
+    #[serde(with = "humantime_serde")]
+    pub consumer_idle_delete: Duration,
+    /// Deliveries after which an entry is dead-lettered.
+    pub max_deliveries: u64,
+    /// Dead-letter stream; empty = "<name>:dead".
+    pub dead_letter_stream: String,
+    /// Longest accepted text, in bytes.
+    pub max_text_bytes: usize,
+    /// Longest accepted document id, in bytes.
+    pub max_id_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexSettings {
+    /// FT index name.
+    pub name: String,
+    /// Hash key prefix.
+    pub prefix: String,
+    /// Hash field receiving the vector bytes.
+    pub vector_field: String,
+    /// "HNSW" or "FLAT".
+    pub algorithm: String,
+    /// "L2", "COSINE" or "IP".
+    pub distance_metric: String,
+    /// HNSW M.
+    pub m: u32,
+    /// HNSW EF_CONSTRUCTION.
+    pub ef_construction: u32,
+    /// Other schema fields, "NAME TYPE [options]".
+    pub schema: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Directory with the ONNX file, tokenizer.json and embedding.json.
+    pub dir: PathBuf,
+    /// ONNX file name inside `dir`.
+    pub file: String,
+    /// libonnxruntime.so path; empty = $ORT_DYLIB_PATH.
+    pub ort_library: String,
+    /// ORT intra-op threads; 0 = CPUs available to this process.
+    pub intra_threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSettings {
+    /// Most documents per model call.
+    pub max_docs: usize,
+    /// Most padded tokens per model call.
+    pub max_tokens: usize,
+    /// Longest wait for batch-mates.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Time allowed after SIGTERM to finish the batch in hand.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Metrics/health listen address; empty disables it.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// "human" or "json".
+    pub format: String,
+    /// tracing filter directive.
+    pub level: String,
+}
+
+/// A string that never prints itself.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` if given, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// As [`Settings::load`], with the environment given explicitly (for tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, SettingsError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(SettingsError::Invalid(format!(
+                    "config file {} not found",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let env_map = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("EMBED_WORKER__"))
+            .collect::<std::collections::HashMap<_, _>>();
+        builder = builder.add_source(
+            config::Environment::with_prefix("EMBED_WORKER")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("index.schema")
+                .try_parsing(true)
+                .source(Some(env_map)),
+        );
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |msg: String| Err(SettingsError::Invalid(msg));
+        if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
+            return bad(format!(
+                "redis.url must start with redis:// or rediss://, got {:?}",
+                redact_url(&self.redis.url)
+            ));
+        }
+        if self.redis.tls_cert_file.is_empty() != self.redis.tls_key_file.is_empty() {
+            return bad("redis.tls_cert_file and redis.tls_key_file go together".into());
+        }
+        for (name, value) in [
+            ("stream.name", &self.stream.name),
+            ("stream.group", &self.stream.group),
+            ("stream.text_field", &self.stream.text_field),
+            ("stream.id_field", &self.stream.id_field),
+            ("index.name", &self.index.name),
+            ("index.vector_field", &self.index.vector_field),
+        ] {
+            if value.trim().is_empty() {
+                return bad(format!("{name} must not be empty"));
+            }
+        }
+        if !["HNSW", "FLAT"].contains(&self.index.algorithm.to_uppercase().as_str()) {
+            return bad(format!(
+                "index.algorithm must be HNSW or FLAT, got {:?}",
+                self.index.algorithm
+            ));
+        }
+        if !["L2", "COSINE", "IP"].contains(&self.index.distance_metric.to_uppercase().as_str()) {
+            return bad(format!(
+                "index.distance_metric must be L2, COSINE or IP, got {:?}",
+                self.index.distance_metric
+            ));
+        }
+        if self.batch.max_docs == 0 || self.stream.read_count == 0 || self.batch.max_tokens == 0 {
+            return bad("batch.max_docs, batch.max_tokens and stream.read_count must be > 0".into());
+        }
+        if self.stream.max_deliveries == 0 {
+            return bad("stream.max_deliveries must be > 0".into());
+        }
+        if !["human", "json"].contains(&self.log.format.as_str()) {
+            return bad(format!("log.format must be human or json, got {:?}", self.log.format));
+        }
+        for field in &self.index.schema {
+            let name = field.split_whitespace().next().unwrap_or("");
+            if name.is_empty() || field.split_whitespace().count() < 2 {
+                return bad(format!("index.schema entry {field:?} must be \"NAME TYPE [options]\""));
+            }
+            if name == self.index.vector_field {
+                return bad(format!("index.schema must not redefine the vector field {name:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The consumer name: configured, or "<hostname>-<pid>".
+    pub fn consumer_name(&self) -> String {
+        if !self.stream.consumer.is_empty() {
+            return self.stream.consumer.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|| "worker".into());
+        format!("{host}-{}", std::process::id())
+    }
+
+    /// The dead-letter stream: configured, or "<stream>:dead".
+    pub fn dead_letter_stream(&self) -> String {
+        if self.stream.dead_letter_stream.is_empty() {
+            format!("{}:dead", self.stream.name)
+        } else {
+            self.stream.dead_letter_stream.clone()
+        }
+    }
+
+    /// The ONNX file to load.
+    pub fn model_path(&self) -> PathBuf {
+        self.model.dir.join(&self.model.file)
+    }
+}
+
+/// A URL with any password replaced, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let creds = &url[scheme_end + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme_end + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_reproduce_the_docs_page() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(s.stream.name, "embed:docs");
+        assert_eq!(s.stream.group, "embedders");
+        assert_eq!(s.index.name, "vector_idx");
+        assert_eq!(s.index.prefix, "doc:");
+        assert_eq!(s.index.schema, vec!["content TEXT", "genre TAG"]);
+        assert_eq!(s.dead_letter_stream(), "embed:docs:dead");
+        assert_eq!(s.stream.claim_idle, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn environment_overrides_every_section() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("EMBED_WORKER__REDIS__URL", "redis://10.0.0.1:7000"),
+                ("EMBED_WORKER__REDIS__PASSWORD", "hunter2"),
+                ("EMBED_WORKER__STREAM__CLAIM_IDLE", "5s"),
+                ("EMBED_WORKER__STREAM__MAX_DELIVERIES", "3"),
+                ("EMBED_WORKER__INDEX__SCHEMA", "title TEXT,lang TAG"),
+                ("EMBED_WORKER__BATCH__MAX_DOCS", "8"),
+                ("EMBED_WORKER__MODEL__FILE", "model_int8.onnx"),
+                ("EMBED_WORKER__HTTP__LISTEN", ""),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.redis.url, "redis://10.0.0.1:7000");
+        assert_eq!(s.redis.password.expose(), "hunter2");
+        assert_eq!(s.stream.claim_idle, Duration::from_secs(5));
+        assert_eq!(s.stream.max_deliveries, 3);
+        assert_eq!(s.index.schema, vec!["title TEXT", "lang TAG"]);
+        assert_eq!(s.batch.max_docs, 8);
+        assert_eq!(s.model.file, "model_int8.onnx");
+        assert_eq!(s.http.listen, "");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Settings::load_from(None, env(&[("EMBED_WORKER__STREAM__NAEM", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("naem"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[batch]\nmax_dcos = 3\n").unwrap();
+        let err = Settings::load_from(Some(&file), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("max_dcos"), "{err}");
+    }
+
+    #[test]
+    fn file_layer_sits_between_defaults_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[stream]\nname = \"from-file\"\ngroup = \"g\"\n").unwrap();
+        let s = Settings::load_from(Some(&file), env(&[("EMBED_WORKER__STREAM__GROUP", "env")]))
+            .unwrap();
+        assert_eq!(s.stream.name, "from-file");
+        assert_eq!(s.stream.group, "env");
+        let missing = Settings::load_from(Some(&dir.path().join("nope.toml")), env(&[]));
+        assert!(missing.unwrap_err().to_string().contains("nope.toml"));
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Settings::load_from(None, env(&[("EMBED_WORKER__REDIS__PASSWORD", "hunter2")]))
+            .unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(redact_url("redis://u:hunter2@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let err = Settings::load_from(None, env(&[("EMBED_WORKER__INDEX__DISTANCE_METRIC", "manhattan")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("distance_metric"), "{err}");
+    }
+}
