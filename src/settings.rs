@@ -267,21 +267,30 @@ impl Settings {
             ));
         }
         if self.batch.max_docs == 0 || self.stream.read_count == 0 || self.batch.max_tokens == 0 {
-            return bad("batch.max_docs, batch.max_tokens and stream.read_count must be > 0".into());
+            return bad(
+                "batch.max_docs, batch.max_tokens and stream.read_count must be > 0".into(),
+            );
         }
         if self.stream.max_deliveries == 0 {
             return bad("stream.max_deliveries must be > 0".into());
         }
         if !["human", "json"].contains(&self.log.format.as_str()) {
-            return bad(format!("log.format must be human or json, got {:?}", self.log.format));
+            return bad(format!(
+                "log.format must be human or json, got {:?}",
+                self.log.format
+            ));
         }
         for field in &self.index.schema {
             let name = field.split_whitespace().next().unwrap_or("");
             if name.is_empty() || field.split_whitespace().count() < 2 {
-                return bad(format!("index.schema entry {field:?} must be \"NAME TYPE [options]\""));
+                return bad(format!(
+                    "index.schema entry {field:?} must be \"NAME TYPE [options]\""
+                ));
             }
             if name == self.index.vector_field {
-                return bad(format!("index.schema must not redefine the vector field {name:?}"));
+                return bad(format!(
+                    "index.schema must not redefine the vector field {name:?}"
+                ));
             }
         }
         Ok(())
@@ -333,7 +342,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -384,7 +396,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
         std::fs::write(&file, "[batch]\nmax_dcos = 3\n").unwrap();
-        let err = Settings::load_from(Some(&file), env(&[])).unwrap_err().to_string();
+        let err = Settings::load_from(Some(&file), env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_dcos"), "{err}");
     }
 
@@ -412,9 +426,12 @@ mod tests {
 
     #[test]
     fn invalid_values_are_explained() {
-        let err = Settings::load_from(None, env(&[("EMBED_WORKER__INDEX__DISTANCE_METRIC", "manhattan")]))
-            .unwrap_err()
-            .to_string();
+        let err = Settings::load_from(
+            None,
+            env(&[("EMBED_WORKER__INDEX__DISTANCE_METRIC", "manhattan")]),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("distance_metric"), "{err}");
     }
 }

@@ -19,7 +19,8 @@ pub struct Args {
 
 /// One JSON object as stream fields: strings as they are, other values as JSON text.
 pub fn fields_of(line: &str) -> Result<Vec<(String, String)>, String> {
-    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
     let serde_json::Value::Object(map) = value else {
         return Err("not a JSON object".into());
     };
@@ -39,7 +40,8 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
     let reader: Box<dyn BufRead> = if args.file == "-" {
         Box::new(BufReader::new(std::io::stdin()))
     } else {
-        let file = std::fs::File::open(&args.file).map_err(|e| anyhow::anyhow!("{}: {e}", args.file))?;
+        let file =
+            std::fs::File::open(&args.file).map_err(|e| anyhow::anyhow!("{}: {e}", args.file))?;
         Box::new(BufReader::new(file))
     };
     let store = Store::new(&settings.redis)?;
@@ -70,7 +72,9 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
             if queued >= args.pipeline.max(1) {
-                pipe.query_async::<()>(&mut conn).await.map_err(|e| store.error(e))?;
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| store.error(e))?;
                 added += queued as u64;
                 queued = 0;
                 pipe = ::redis::pipe();
@@ -81,7 +85,9 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         if queued > 0 {
-            pipe.query_async::<()>(&mut conn).await.map_err(|e| store.error(e))?;
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(|e| store.error(e))?;
             added += queued as u64;
         }
         if progress {
@@ -100,7 +106,14 @@ mod tests {
     #[test]
     fn json_lines_become_fields() {
         let f = fields_of(r#"{"id":"0","content":"hi","n":3}"#).unwrap();
-        assert_eq!(f, vec![("id".into(), "0".into()), ("content".into(), "hi".into()), ("n".into(), "3".into())]);
+        assert_eq!(
+            f,
+            vec![
+                ("id".into(), "0".into()),
+                ("content".into(), "hi".into()),
+                ("n".into(), "3".into())
+            ]
+        );
         assert!(fields_of("[1]").is_err());
         assert!(fields_of("{").is_err());
         assert!(fields_of("{}").is_err());

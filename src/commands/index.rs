@@ -34,25 +34,47 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
                 // The dimension comes from the model's facts, not a constant.
                 let dim = EmbeddingConfig::load(&settings.model.dir)?.dimension;
                 let created = index::ensure(&store, &mut conn, &settings.index, dim).await?;
-                println!("{} {}", settings.index.name, if created { "created" } else { "already exists and agrees" });
+                println!(
+                    "{} {}",
+                    settings.index.name,
+                    if created {
+                        "created"
+                    } else {
+                        "already exists and agrees"
+                    }
+                );
             }
             Action::Drop { delete_docs } => {
-                index::drop(&mut conn, &settings.index.name, delete_docs).await.map_err(|e| store.error(e))?;
+                index::drop(&mut conn, &settings.index.name, delete_docs)
+                    .await
+                    .map_err(|e| store.error(e))?;
                 println!("{} dropped", settings.index.name);
             }
-            Action::Info => match index::info(&mut conn, &settings.index.name).await.map_err(|e| store.error(e))? {
+            Action::Info => match index::info(&mut conn, &settings.index.name)
+                .await
+                .map_err(|e| store.error(e))?
+            {
                 None => {
                     println!("{} does not exist", settings.index.name);
                     return Ok(ExitCode::FAILURE);
                 }
                 Some(info) => {
-                    for key in ["index_name", "num_docs", "hash_indexing_failures", "indexing", "percent_indexed"] {
+                    for key in [
+                        "index_name",
+                        "num_docs",
+                        "hash_indexing_failures",
+                        "indexing",
+                        "percent_indexed",
+                    ] {
                         if let Some((_, v)) = info.iter().find(|(k, _)| k == key) {
                             println!("{key}: {}", index::text(v));
                         }
                     }
                     if let Some(spec) = index::vector_spec(&info, &settings.index.vector_field) {
-                        println!("vector: {} DIM {} {}", spec.data_type, spec.dim, spec.metric);
+                        println!(
+                            "vector: {} DIM {} {}",
+                            spec.data_type, spec.dim, spec.metric
+                        );
                     }
                 }
             },

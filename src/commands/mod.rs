@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand};
 use crate::settings::Settings;
 
 #[derive(Debug, Parser)]
-#[command(name = "embed-worker", version, about = "Redis Stream -> ONNX embeddings -> Redis vector index")]
+#[command(
+    name = "embed-worker",
+    version,
+    about = "Redis Stream -> ONNX embeddings -> Redis vector index"
+)]
 pub struct Cli {
     /// Configuration file layered over config/default.toml (env EMBED_WORKER__SECTION__KEY wins over both).
     #[arg(long, global = true, value_name = "FILE")]
@@ -52,5 +56,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// A current-thread runtime for the short-lived commands.
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }

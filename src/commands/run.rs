@@ -30,10 +30,14 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
     let summary = runtime.block_on(async {
         crate::observe::serve(&settings.http, metrics.clone(), health.clone()).await?;
         let options = RunOptions { drain: args.drain };
-        anyhow::Ok(pipeline::run(settings, model, metrics, health, options, shutdown_signal()).await?)
+        anyhow::Ok(
+            pipeline::run(settings, model, metrics, health, options, shutdown_signal()).await?,
+        )
     })?;
     if summary.timed_out {
-        tracing::warn!("stopped at shutdown_timeout; some entries remain pending for other workers");
+        tracing::warn!(
+            "stopped at shutdown_timeout; some entries remain pending for other workers"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -41,8 +45,10 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on Unix");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail on Unix");
+    let mut term =
+        signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on Unix");
+    let mut int =
+        signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail on Unix");
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: finishing the batch in hand"),
         _ = int.recv() => tracing::info!("SIGINT: finishing the batch in hand"),

@@ -43,7 +43,12 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::Error::from(store.error(e)))
     })?;
     for hit in hits {
-        println!("ID: {}, Distance:{}, Content:'{}'", hit.key, hit.distance, hit.field(&text_field).unwrap_or(""));
+        println!(
+            "ID: {}, Distance:{}, Content:'{}'",
+            hit.key,
+            hit.distance,
+            hit.field(&text_field).unwrap_or("")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

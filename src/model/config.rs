@@ -35,7 +35,10 @@ pub enum Pooling {
 impl EmbeddingConfig {
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("embedding.json");
-        let err = |reason: String| ModelError::Config { path: path.clone(), reason };
+        let err = |reason: String| ModelError::Config {
+            path: path.clone(),
+            reason,
+        };
         let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
         let config: Self = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
         if config.max_seq_length == 0 || config.dimension == 0 {

@@ -13,7 +13,9 @@ impl Embedder for FakeEmbedder {
     fn embed(&mut self, batch: &[Encoded]) -> Result<Vec<Vec<f32>>, ModelError> {
         if let Some(p) = self.poison_token {
             if batch.iter().any(|e| e.ids.contains(&p)) {
-                return Err(ModelError::Inference(format!("fake model refuses token {p}")));
+                return Err(ModelError::Inference(format!(
+                    "fake model refuses token {p}"
+                )));
             }
         }
         Ok(batch

@@ -93,7 +93,11 @@ impl Model {
             intra_threads: settings.model.intra_threads,
         };
         let embedder = onnx::OnnxEmbedder::load(&options, &config)?;
-        Ok(Self { tokenizer: std::sync::Arc::new(tokenizer), handle: ModelHandle::spawn(embedder), config })
+        Ok(Self {
+            tokenizer: std::sync::Arc::new(tokenizer),
+            handle: ModelHandle::spawn(embedder),
+            config,
+        })
     }
 
     /// Tokenises and embeds `texts` (blocking; for commands, not for the async pipeline).

@@ -37,7 +37,9 @@ pub struct OnnxEmbedder {
 /// The CPUs this process may really use. std reads the cgroup quota and affinity mask,
 /// which ORT's own default (all cores of the host) ignores.
 pub fn available_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// Loads the ONNX Runtime library once per process; a missing or too-old library is a clear error.
@@ -54,7 +56,10 @@ pub fn init_runtime(library: Option<&Path>) -> Result<ort::environment::Environm
             }
         },
     };
-    let runtime_err = |reason: String| ModelError::Runtime { path: path.display().to_string(), reason };
+    let runtime_err = |reason: String| ModelError::Runtime {
+        path: path.display().to_string(),
+        reason,
+    };
     if !path.is_file() {
         return Err(runtime_err("file not found".into()));
     }
@@ -69,11 +74,18 @@ impl OnnxEmbedder {
     pub fn load(options: &OnnxOptions, config: &EmbeddingConfig) -> Result<Self, ModelError> {
         let env = init_runtime(options.ort_library.as_deref())?;
         let path = &options.model_path;
-        let file_err = |reason: String| ModelError::ModelFile { path: path.clone(), reason };
+        let file_err = |reason: String| ModelError::ModelFile {
+            path: path.clone(),
+            reason,
+        };
         if !path.is_file() {
             return Err(file_err("file not found".into()));
         }
-        let threads = if options.intra_threads == 0 { available_cpus() } else { options.intra_threads };
+        let threads = if options.intra_threads == 0 {
+            available_cpus()
+        } else {
+            options.intra_threads
+        };
         let session = Session::builder(&env)
             .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
             .and_then(|b| Ok(b.with_intra_threads(threads)?))
@@ -81,11 +93,16 @@ impl OnnxEmbedder {
             .and_then(|mut b| b.commit_from_file(path))
             .map_err(|e| file_err(e.to_string()))?;
 
-        let sig_err = |reason: String| ModelError::Signature { path: path.clone(), reason };
+        let sig_err = |reason: String| ModelError::Signature {
+            path: path.clone(),
+            reason,
+        };
         let input_names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
         for required in ["input_ids", "attention_mask"] {
             if !input_names.contains(&required) {
-                return Err(sig_err(format!("no input named {required:?} (inputs: {input_names:?})")));
+                return Err(sig_err(format!(
+                    "no input named {required:?} (inputs: {input_names:?})"
+                )));
             }
         }
         if let Some(other) = input_names
@@ -95,11 +112,18 @@ impl OnnxEmbedder {
             return Err(sig_err(format!("unexpected input {other:?}")));
         }
         let wants_token_types = input_names.contains(&"token_type_ids");
-        let output = session.outputs().first().ok_or_else(|| sig_err("no outputs".into()))?;
+        let output = session
+            .outputs()
+            .first()
+            .ok_or_else(|| sig_err("no outputs".into()))?;
         let output_name = output.name().to_string();
         let shape: Vec<i64> = match output.dtype() {
             ValueType::Tensor { shape, .. } => shape.iter().copied().collect(),
-            other => return Err(sig_err(format!("output {output_name:?} is {other:?}, not a tensor"))),
+            other => {
+                return Err(sig_err(format!(
+                    "output {output_name:?} is {other:?}, not a tensor"
+                )))
+            }
         };
         let dimension = match shape.as_slice() {
             [_, _, d] if *d > 0 => *d as usize,
@@ -150,18 +174,31 @@ impl Embedder for OnnxEmbedder {
         }
         let infer = |e: ort::Error| ModelError::Inference(e.to_string());
         let mut inputs = vec![
-            ("input_ids", Tensor::from_array(ids).map_err(infer)?.into_dyn()),
-            ("attention_mask", Tensor::from_array(mask.clone()).map_err(infer)?.into_dyn()),
+            (
+                "input_ids",
+                Tensor::from_array(ids).map_err(infer)?.into_dyn(),
+            ),
+            (
+                "attention_mask",
+                Tensor::from_array(mask.clone()).map_err(infer)?.into_dyn(),
+            ),
         ];
         if self.wants_token_types {
-            inputs.push(("token_type_ids", Tensor::from_array(types).map_err(infer)?.into_dyn()));
+            inputs.push((
+                "token_type_ids",
+                Tensor::from_array(types).map_err(infer)?.into_dyn(),
+            ));
         }
         let outputs = self.session.run(inputs).map_err(infer)?;
         let (shape, hidden) = outputs[self.output_name.as_str()]
             .try_extract_tensor::<f32>()
             .map_err(infer)?;
         let dim = self.dimension;
-        if shape.len() != 3 || shape[0] as usize != rows || shape[1] as usize != cols || shape[2] as usize != dim {
+        if shape.len() != 3
+            || shape[0] as usize != rows
+            || shape[1] as usize != cols
+            || shape[2] as usize != dim
+        {
             return Err(ModelError::Inference(format!(
                 "output shape {:?}, expected [{rows}, {cols}, {dim}]",
                 &shape[..]
@@ -171,8 +208,15 @@ impl Embedder for OnnxEmbedder {
         let vectors = (0..rows)
             .map(|r| {
                 let mask_row = mask.row(r);
-                let mask_slice = mask_row.as_slice().expect("a row of a standard-layout array is contiguous");
-                let mut v = pool(&hidden[r * per_row..(r + 1) * per_row], mask_slice, dim, self.pooling);
+                let mask_slice = mask_row
+                    .as_slice()
+                    .expect("a row of a standard-layout array is contiguous");
+                let mut v = pool(
+                    &hidden[r * per_row..(r + 1) * per_row],
+                    mask_slice,
+                    dim,
+                    self.pooling,
+                );
                 if self.normalize {
                     normalize(&mut v);
                 }

@@ -26,7 +26,9 @@ pub fn pool(hidden: &[f32], mask: &[i64], dim: usize, mode: Pooling) -> Vec<f32>
                     out.iter_mut().zip(row).for_each(|(o, h)| *o = o.max(*h));
                 }
             }
-            out.iter_mut().filter(|o| o.is_infinite()).for_each(|o| *o = 0.0);
+            out.iter_mut()
+                .filter(|o| o.is_infinite())
+                .for_each(|o| *o = 0.0);
         }
     }
     out

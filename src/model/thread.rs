@@ -7,7 +7,10 @@ use tokio::sync::oneshot;
 
 use super::{Embedder, Encoded, ModelError};
 
-type Job = (Vec<Encoded>, oneshot::Sender<Result<Vec<Vec<f32>>, ModelError>>);
+type Job = (
+    Vec<Encoded>,
+    oneshot::Sender<Result<Vec<Vec<f32>>, ModelError>>,
+);
 
 /// A cheap, cloneable handle to the model thread.
 #[derive(Clone)]
@@ -33,7 +36,11 @@ impl ModelHandle {
                 }
             })
             .expect("spawning a thread only fails when the OS is out of resources");
-        Self { jobs, dimension, name }
+        Self {
+            jobs,
+            dimension,
+            name,
+        }
     }
 
     /// Embeds a batch on the model thread without blocking the async runtime.
@@ -51,7 +58,9 @@ impl ModelHandle {
     /// Blocking variant, for synchronous callers (the `embed` command, benchmarks).
     pub fn embed_blocking(&self, batch: Vec<Encoded>) -> Result<Vec<Vec<f32>>, ModelError> {
         let (tx, rx) = oneshot::channel();
-        self.jobs.send((batch, tx)).map_err(|_| ModelError::ThreadGone)?;
+        self.jobs
+            .send((batch, tx))
+            .map_err(|_| ModelError::ThreadGone)?;
         rx.blocking_recv().map_err(|_| ModelError::ThreadGone)?
     }
 

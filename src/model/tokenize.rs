@@ -34,7 +34,10 @@ impl TextTokenizer {
     /// Loads `dir/tokenizer.json` and sets truncation to `max_len` tokens, padding off.
     pub fn load(dir: &Path, max_len: usize) -> Result<Self, ModelError> {
         let path = dir.join("tokenizer.json");
-        let err = |reason: String| ModelError::Tokenizer { path: path.clone(), reason };
+        let err = |reason: String| ModelError::Tokenizer {
+            path: path.clone(),
+            reason,
+        };
         if !path.is_file() {
             return Err(err("file not found".into()));
         }

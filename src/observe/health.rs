@@ -36,6 +36,10 @@ impl Health {
         .filter(|(flag, _)| !flag.load(Ordering::Relaxed))
         .map(|(_, what)| what)
         .collect();
-        if missing.is_empty() { Ok(()) } else { Err(missing) }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(missing)
+        }
     }
 }

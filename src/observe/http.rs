@@ -11,7 +11,11 @@ use crate::settings::HttpSettings;
 
 /// Binds `http.listen` (unless empty) and serves in the background. A bind failure is an error
 /// at start-up, not a silent lack of metrics. Returns the bound address.
-pub async fn serve(settings: &HttpSettings, metrics: Arc<Metrics>, health: Arc<Health>) -> anyhow::Result<Option<std::net::SocketAddr>> {
+pub async fn serve(
+    settings: &HttpSettings,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
     if settings.listen.is_empty() {
         return Ok(None);
     }
@@ -22,11 +26,18 @@ pub async fn serve(settings: &HttpSettings, metrics: Arc<Metrics>, health: Arc<H
     tracing::info!(%addr, "serving /metrics, /livez, /readyz");
     tokio::spawn(async move {
         loop {
-            let Ok((mut socket, _)) = listener.accept().await else { continue };
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
             let (metrics, health) = (metrics.clone(), health.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 2048];
-                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut buf)).await {
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    socket.read(&mut buf),
+                )
+                .await
+                {
                     Ok(Ok(n)) => n,
                     _ => return,
                 };
@@ -47,11 +58,19 @@ pub async fn serve(settings: &HttpSettings, metrics: Arc<Metrics>, health: Arc<H
 
 fn route(path: &str, metrics: &Metrics, health: &Health) -> (&'static str, &'static str, String) {
     match path {
-        "/metrics" => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
         "/livez" => ("200 OK", "text/plain", "ok\n".into()),
         "/readyz" => match health.ready() {
             Ok(()) => ("200 OK", "text/plain", "ready\n".into()),
-            Err(missing) => ("503 Service Unavailable", "text/plain", format!("not ready: {}\n", missing.join(", "))),
+            Err(missing) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready: {}\n", missing.join(", ")),
+            ),
         },
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     }

@@ -13,11 +13,17 @@ struct Labeled(Mutex<BTreeMap<String, u64>>);
 
 impl Labeled {
     fn add(&self, label: &str, n: u64) {
-        let mut map = self.0.lock().expect("metrics lock is never held across a panic");
+        let mut map = self
+            .0
+            .lock()
+            .expect("metrics lock is never held across a panic");
         *map.entry(label.to_string()).or_default() += n;
     }
     fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.0.lock().expect("metrics lock is never held across a panic").clone()
+        self.0
+            .lock()
+            .expect("metrics lock is never held across a panic")
+            .clone()
     }
 }
 
@@ -46,18 +52,31 @@ impl Histogram {
                 c.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.sum_micros.fetch_add((v * 1e6) as u64, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((v * 1e6) as u64, Ordering::Relaxed);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
     fn render(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}", c.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
         }
         let count = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count{braces} {count}");
     }
 }
@@ -80,7 +99,9 @@ impl Stage {
     }
 }
 
-const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const SECONDS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -108,7 +129,9 @@ impl Default for Metrics {
             dead_lettered: Labeled::default(),
             errors: Labeled::default(),
             batch_docs: Histogram::new(&[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
-            batch_padded_tokens: Histogram::new(&[64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0]),
+            batch_padded_tokens: Histogram::new(&[
+                64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
+            ]),
             stage_tokenize: Histogram::new(SECONDS),
             stage_model: Histogram::new(SECONDS),
             stage_write: Histogram::new(SECONDS),
@@ -153,7 +176,10 @@ impl Metrics {
         self.stream_lag.store(lag, Ordering::Relaxed);
     }
     pub fn model_info(&self, name: &str, dimension: usize) {
-        *self.model.lock().expect("metrics lock is never held across a panic") = (name.to_string(), dimension);
+        *self
+            .model
+            .lock()
+            .expect("metrics lock is never held across a panic") = (name.to_string(), dimension);
     }
 
     pub fn acked_total(&self) -> u64 {
@@ -169,32 +195,88 @@ impl Metrics {
         let counter = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP embed_worker_{name} {help}\n# TYPE embed_worker_{name} counter\nembed_worker_{name} {v}");
         };
-        counter(&mut out, "documents_embedded_total", "Documents turned into vectors.", self.embedded.load(Ordering::Relaxed));
-        counter(&mut out, "documents_written_total", "Document hashes written to Redis.", self.written.load(Ordering::Relaxed));
-        counter(&mut out, "documents_acked_total", "Stream entries acknowledged after their hash was written.", self.acked.load(Ordering::Relaxed));
+        counter(
+            &mut out,
+            "documents_embedded_total",
+            "Documents turned into vectors.",
+            self.embedded.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "documents_written_total",
+            "Document hashes written to Redis.",
+            self.written.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "documents_acked_total",
+            "Stream entries acknowledged after their hash was written.",
+            self.acked.load(Ordering::Relaxed),
+        );
         for (name, help, labeled, label) in [
-            ("dead_letters_total", "Entries sent to the dead-letter stream, by reason.", &self.dead_lettered, "reason"),
-            ("errors_total", "Handled errors (retried or isolated), by kind.", &self.errors, "kind"),
+            (
+                "dead_letters_total",
+                "Entries sent to the dead-letter stream, by reason.",
+                &self.dead_lettered,
+                "reason",
+            ),
+            (
+                "errors_total",
+                "Handled errors (retried or isolated), by kind.",
+                &self.errors,
+                "kind",
+            ),
         ] {
-            let _ = writeln!(out, "# HELP embed_worker_{name} {help}\n# TYPE embed_worker_{name} counter");
+            let _ = writeln!(
+                out,
+                "# HELP embed_worker_{name} {help}\n# TYPE embed_worker_{name} counter"
+            );
             for (value, n) in labeled.snapshot() {
-                let _ = writeln!(out, "embed_worker_{name}{{{label}=\"{}\"}} {n}", escape(&value));
+                let _ = writeln!(
+                    out,
+                    "embed_worker_{name}{{{label}=\"{}\"}} {n}",
+                    escape(&value)
+                );
             }
         }
         let _ = writeln!(out, "# HELP embed_worker_batch_documents Documents per model call.\n# TYPE embed_worker_batch_documents histogram");
-        self.batch_docs.render(&mut out, "embed_worker_batch_documents", "");
+        self.batch_docs
+            .render(&mut out, "embed_worker_batch_documents", "");
         let _ = writeln!(out, "# HELP embed_worker_batch_padded_tokens Padded tokens (docs x longest) per model call.\n# TYPE embed_worker_batch_padded_tokens histogram");
-        self.batch_padded_tokens.render(&mut out, "embed_worker_batch_padded_tokens", "");
+        self.batch_padded_tokens
+            .render(&mut out, "embed_worker_batch_padded_tokens", "");
         let _ = writeln!(out, "# HELP embed_worker_stage_duration_seconds Time per batch in each stage.\n# TYPE embed_worker_stage_duration_seconds histogram");
-        for (stage, h) in [(Stage::Tokenize, &self.stage_tokenize), (Stage::Model, &self.stage_model), (Stage::Write, &self.stage_write)] {
-            h.render(&mut out, "embed_worker_stage_duration_seconds", &format!("stage=\"{}\"", stage.as_str()));
+        for (stage, h) in [
+            (Stage::Tokenize, &self.stage_tokenize),
+            (Stage::Model, &self.stage_model),
+            (Stage::Write, &self.stage_write),
+        ] {
+            h.render(
+                &mut out,
+                "embed_worker_stage_duration_seconds",
+                &format!("stage=\"{}\"", stage.as_str()),
+            );
         }
         let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP embed_worker_{name} {help}\n# TYPE embed_worker_{name} gauge\nembed_worker_{name} {v}");
         };
-        gauge(&mut out, "stream_lag", "Entries in the stream not yet delivered to the group.", self.stream_lag.load(Ordering::Relaxed));
-        gauge(&mut out, "group_pending", "Entries delivered to the group and not yet acknowledged.", self.group_pending.load(Ordering::Relaxed));
-        let (name, dim) = self.model.lock().expect("metrics lock is never held across a panic").clone();
+        gauge(
+            &mut out,
+            "stream_lag",
+            "Entries in the stream not yet delivered to the group.",
+            self.stream_lag.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "group_pending",
+            "Entries delivered to the group and not yet acknowledged.",
+            self.group_pending.load(Ordering::Relaxed),
+        );
+        let (name, dim) = self
+            .model
+            .lock()
+            .expect("metrics lock is never held across a panic")
+            .clone();
         let _ = writeln!(
             out,
             "# HELP embed_worker_model_info The model in use.\n# TYPE embed_worker_model_info gauge\nembed_worker_model_info{{name=\"{}\",dimension=\"{dim}\"}} 1",
@@ -205,5 +287,7 @@ impl Metrics {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -34,7 +34,9 @@ pub fn plan(lengths: &[usize], limits: BatchLimits) -> Vec<Vec<usize>> {
 
 /// Padded tokens of a batch: members x longest.
 pub fn padded_tokens(lengths: impl IntoIterator<Item = usize>) -> usize {
-    let (n, longest) = lengths.into_iter().fold((0, 0), |(n, m), l| (n + 1, m.max(l)));
+    let (n, longest) = lengths
+        .into_iter()
+        .fold((0, 0), |(n, m), l| (n + 1, m.max(l)));
     n * longest
 }
 
@@ -45,10 +47,19 @@ mod tests {
 
     #[test]
     fn sorts_by_length_and_respects_budgets() {
-        let limits = BatchLimits { max_docs: 2, max_tokens: 100 };
+        let limits = BatchLimits {
+            max_docs: 2,
+            max_tokens: 100,
+        };
         assert_eq!(plan(&[30, 5, 30, 6], limits), vec![vec![1, 3], vec![0, 2]]);
-        let tight = BatchLimits { max_docs: 10, max_tokens: 50 };
-        assert_eq!(plan(&[30, 5, 30, 6], tight), vec![vec![1, 3], vec![0], vec![2]]);
+        let tight = BatchLimits {
+            max_docs: 10,
+            max_tokens: 50,
+        };
+        assert_eq!(
+            plan(&[30, 5, 30, 6], tight),
+            vec![vec![1, 3], vec![0], vec![2]]
+        );
         assert_eq!(plan(&[300], tight), vec![vec![0]]);
         assert!(plan(&[], tight).is_empty());
     }

@@ -28,7 +28,10 @@ pub struct Read {
 
 /// XGROUP CREATE ... 0 MKSTREAM: the group starts at the beginning, so documents added before
 /// the first worker ran are indexed too. An existing group is fine.
-pub async fn ensure_group(conn: &mut MultiplexedConnection, g: &GroupRef) -> Result<bool, RedisError> {
+pub async fn ensure_group(
+    conn: &mut MultiplexedConnection,
+    g: &GroupRef,
+) -> Result<bool, RedisError> {
     let created: Result<(), RedisError> = ::redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&g.stream)
@@ -54,7 +57,11 @@ pub async fn read(
     block: Option<Duration>,
 ) -> Result<Read, RedisError> {
     let mut cmd = ::redis::cmd("XREADGROUP");
-    cmd.arg("GROUP").arg(&g.group).arg(&g.consumer).arg("COUNT").arg(count);
+    cmd.arg("GROUP")
+        .arg(&g.group)
+        .arg(&g.consumer)
+        .arg("COUNT")
+        .arg(count);
     if let Some(block) = block {
         cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
     }
@@ -154,15 +161,28 @@ async fn delivery_counts(
 
 /// Group summary: (pending entries, lag) where lag is entries not yet delivered to the group
 /// (None when Redis cannot tell).
-pub async fn group_state(conn: &mut MultiplexedConnection, g: &GroupRef) -> Result<(u64, Option<u64>), RedisError> {
-    let reply: Value = ::redis::cmd("XINFO").arg("GROUPS").arg(&g.stream).query_async(conn).await?;
+pub async fn group_state(
+    conn: &mut MultiplexedConnection,
+    g: &GroupRef,
+) -> Result<(u64, Option<u64>), RedisError> {
+    let reply: Value = ::redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&g.stream)
+        .query_async(conn)
+        .await?;
     if let Value::Array(groups) = reply {
         for group in groups {
             let kv = crate::redis::index::pairs(&group);
             let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
             if get("name").map(|v| text(&v)).as_deref() == Some(g.group.as_str()) {
-                let pending = match get("pending") { Some(Value::Int(n)) => n as u64, _ => 0 };
-                let lag = match get("lag") { Some(Value::Int(n)) => Some(n as u64), _ => None };
+                let pending = match get("pending") {
+                    Some(Value::Int(n)) => n as u64,
+                    _ => 0,
+                };
+                let lag = match get("lag") {
+                    Some(Value::Int(n)) => Some(n as u64),
+                    _ => None,
+                };
                 return Ok((pending, lag));
             }
         }
@@ -176,7 +196,12 @@ pub async fn delete_idle_consumers(
     g: &GroupRef,
     idle: Duration,
 ) -> Result<Vec<String>, RedisError> {
-    let reply: Value = ::redis::cmd("XINFO").arg("CONSUMERS").arg(&g.stream).arg(&g.group).query_async(conn).await?;
+    let reply: Value = ::redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&g.stream)
+        .arg(&g.group)
+        .query_async(conn)
+        .await?;
     let mut deleted = Vec::new();
     if let Value::Array(consumers) = reply {
         for c in consumers {
@@ -184,7 +209,10 @@ pub async fn delete_idle_consumers(
             let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
             let name = get("name").map(|v| text(&v)).unwrap_or_default();
             let pending = matches!(get("pending"), Some(Value::Int(n)) if n > 0);
-            let idle_ms = match get("idle") { Some(Value::Int(n)) => n as u64, _ => 0 };
+            let idle_ms = match get("idle") {
+                Some(Value::Int(n)) => n as u64,
+                _ => 0,
+            };
             if name != g.consumer && !pending && idle_ms > idle.as_millis() as u64 {
                 // DELCONSUMER returns the pending count it dropped; re-check it is zero.
                 let dropped: i64 = ::redis::cmd("XGROUP")
@@ -211,7 +239,9 @@ fn parse_entries(entries: &Value, read: &mut Read) {
     let Value::Array(list) = entries else { return };
     for item in list {
         let Value::Array(parts) = item else { continue };
-        let Some(id) = parts.first().map(text) else { continue };
+        let Some(id) = parts.first().map(text) else {
+            continue;
+        };
         match parts.get(1) {
             Some(Value::Array(kv)) => {
                 let fields = kv
@@ -219,11 +249,19 @@ fn parse_entries(entries: &Value, read: &mut Read) {
                     .filter(|c| c.len() == 2)
                     .map(|c| (bytes(&c[0]), bytes(&c[1])))
                     .collect();
-                read.entries.push(RawEntry { id, fields, deliveries: 1 });
+                read.entries.push(RawEntry {
+                    id,
+                    fields,
+                    deliveries: 1,
+                });
             }
             Some(Value::Map(kv)) => {
                 let fields = kv.iter().map(|(k, v)| (bytes(k), bytes(v))).collect();
-                read.entries.push(RawEntry { id, fields, deliveries: 1 });
+                read.entries.push(RawEntry {
+                    id,
+                    fields,
+                    deliveries: 1,
+                });
             }
             // A pending entry whose stream entry was deleted or trimmed.
             _ => read.deleted.push(id),

@@ -25,7 +25,10 @@ pub async fn tokenize(
 ) -> (Tokenized, Vec<DeadLetter>) {
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let mut out = Tokenized { docs: Vec::with_capacity(docs.len()), encoded: Vec::with_capacity(docs.len()) };
+        let mut out = Tokenized {
+            docs: Vec::with_capacity(docs.len()),
+            encoded: Vec::with_capacity(docs.len()),
+        };
         let mut dead = Vec::new();
         for doc in docs {
             match tokenizer.encode_one(&doc.text) {
@@ -33,7 +36,11 @@ pub async fn tokenize(
                     out.docs.push(doc);
                     out.encoded.push(enc);
                 }
-                Err(e) => dead.push(DeadLetter { entry: doc.entry, reason: DeadReason::ModelError, detail: e.to_string() }),
+                Err(e) => dead.push(DeadLetter {
+                    entry: doc.entry,
+                    reason: DeadReason::ModelError,
+                    detail: e.to_string(),
+                }),
             }
         }
         metrics.stage(Stage::Tokenize, started.elapsed());
@@ -51,8 +58,14 @@ pub fn batches(t: Tokenized, limits: BatchLimits) -> Vec<Tokenized> {
     let mut encoded: Vec<Option<Encoded>> = t.encoded.into_iter().map(Some).collect();
     plan.into_iter()
         .map(|idx| Tokenized {
-            docs: idx.iter().map(|&i| docs[i].take().expect("plan lists each index once")).collect(),
-            encoded: idx.iter().map(|&i| encoded[i].take().expect("plan lists each index once")).collect(),
+            docs: idx
+                .iter()
+                .map(|&i| docs[i].take().expect("plan lists each index once"))
+                .collect(),
+            encoded: idx
+                .iter()
+                .map(|&i| encoded[i].take().expect("plan lists each index once"))
+                .collect(),
         })
         .collect()
 }
@@ -73,7 +86,10 @@ pub async fn embed_batch(
             continue;
         }
         let started = Instant::now();
-        metrics.batch(b.docs.len(), padded_tokens(b.encoded.iter().map(Encoded::len)));
+        metrics.batch(
+            b.docs.len(),
+            padded_tokens(b.encoded.iter().map(Encoded::len)),
+        );
         match model.embed(b.encoded.clone()).await {
             Ok(vectors) => {
                 metrics.stage(Stage::Model, started.elapsed());
@@ -86,12 +102,22 @@ pub async fn embed_batch(
                 if b.docs.len() == 1 {
                     let doc = b.docs.into_iter().next().expect("len is 1");
                     tracing::warn!(entry = %doc.entry.id, error = %e, "model failed on this document alone; dead-lettering");
-                    dead.push(DeadLetter { entry: doc.entry, reason: DeadReason::ModelError, detail: e.to_string() });
+                    dead.push(DeadLetter {
+                        entry: doc.entry,
+                        reason: DeadReason::ModelError,
+                        detail: e.to_string(),
+                    });
                 } else {
                     tracing::warn!(docs = b.docs.len(), error = %e, "model failed on a batch; splitting it to isolate the culprit");
-                    let Tokenized { mut docs, mut encoded } = b;
+                    let Tokenized {
+                        mut docs,
+                        mut encoded,
+                    } = b;
                     let half = docs.len() / 2;
-                    let right = Tokenized { docs: docs.split_off(half), encoded: encoded.split_off(half) };
+                    let right = Tokenized {
+                        docs: docs.split_off(half),
+                        encoded: encoded.split_off(half),
+                    };
                     work.push(right);
                     work.push(Tokenized { docs, encoded });
                 }

@@ -89,7 +89,10 @@ impl Doc {
 
     /// Fields copied into the hash beside the vector: all but the id field.
     pub fn hash_fields(&self) -> impl Iterator<Item = &(Vec<u8>, Vec<u8>)> {
-        self.entry.fields.iter().filter(|(k, _)| *k != self.id_field)
+        self.entry
+            .fields
+            .iter()
+            .filter(|(k, _)| *k != self.id_field)
     }
 }
 
@@ -136,12 +139,27 @@ fn bad_id_char(c: char) -> bool {
 
 /// Decides what becomes of one entry.
 pub fn parse(entry: RawEntry, rules: &EntryRules) -> Result<Doc, Rejected> {
-    let reject = |entry: RawEntry, reason: DeadReason, detail: String| Err(Rejected { entry, reason, detail });
+    let reject = |entry: RawEntry, reason: DeadReason, detail: String| {
+        Err(Rejected {
+            entry,
+            reason,
+            detail,
+        })
+    };
     if entry.deliveries > rules.max_deliveries {
-        let detail = format!("delivered {} times (max {})", entry.deliveries, rules.max_deliveries);
+        let detail = format!(
+            "delivered {} times (max {})",
+            entry.deliveries, rules.max_deliveries
+        );
         return reject(entry, DeadReason::MaxDeliveries, detail);
     }
-    let find = |name: &str| entry.fields.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v);
+    let find = |name: &str| {
+        entry
+            .fields
+            .iter()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| v)
+    };
     let text = match find(&rules.text_field) {
         None => {
             let detail = format!("no {:?} field", rules.text_field);
@@ -160,7 +178,11 @@ pub fn parse(entry: RawEntry, rules: &EntryRules) -> Result<Doc, Rejected> {
         },
     };
     if text.trim().is_empty() {
-        return reject(entry, DeadReason::EmptyText, "text is empty or whitespace".into());
+        return reject(
+            entry,
+            DeadReason::EmptyText,
+            "text is empty or whitespace".into(),
+        );
     }
     let id = match find(&rules.id_field) {
         None => entry.id.clone(),
@@ -177,11 +199,20 @@ pub fn parse(entry: RawEntry, rules: &EntryRules) -> Result<Doc, Rejected> {
         );
         return reject(entry, DeadReason::InvalidId, detail);
     }
-    if entry.fields.iter().any(|(k, _)| k == rules.vector_field.as_bytes()) {
+    if entry
+        .fields
+        .iter()
+        .any(|(k, _)| k == rules.vector_field.as_bytes())
+    {
         let detail = format!("field {:?} is reserved for the vector", rules.vector_field);
         return reject(entry, DeadReason::ReservedField, detail);
     }
-    Ok(Doc { key: format!("{}{}", rules.prefix, id), text, id_field: rules.id_field.as_bytes().to_vec(), entry })
+    Ok(Doc {
+        key: format!("{}{}", rules.prefix, id),
+        text,
+        id_field: rules.id_field.as_bytes().to_vec(),
+        entry,
+    })
 }
 
 #[cfg(test)]
@@ -204,7 +235,10 @@ mod tests {
     fn entry(fields: &[(&[u8], &[u8])]) -> RawEntry {
         RawEntry {
             id: "1-0".into(),
-            fields: fields.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
             deliveries: 1,
         }
     }
@@ -215,11 +249,21 @@ mod tests {
 
     #[test]
     fn docs_contract() {
-        let doc = parse(entry(&[(b"id", b"0"), (b"content", b"hi"), (b"genre", b"persons")]), &rules()).unwrap();
+        let doc = parse(
+            entry(&[(b"id", b"0"), (b"content", b"hi"), (b"genre", b"persons")]),
+            &rules(),
+        )
+        .unwrap();
         assert_eq!(doc.key, "doc:0");
         assert_eq!(doc.text, "hi");
         let fields: Vec<_> = doc.hash_fields().cloned().collect();
-        assert_eq!(fields, vec![(b"content".to_vec(), b"hi".to_vec()), (b"genre".to_vec(), b"persons".to_vec())]);
+        assert_eq!(
+            fields,
+            vec![
+                (b"content".to_vec(), b"hi".to_vec()),
+                (b"genre".to_vec(), b"persons".to_vec())
+            ]
+        );
         let no_id = parse(entry(&[(b"content", b"hi")]), &rules()).unwrap();
         assert_eq!(no_id.key, "doc:1-0");
     }
@@ -227,16 +271,43 @@ mod tests {
     #[test]
     fn every_bad_kind_has_its_reason() {
         assert_eq!(reason(entry(&[(b"id", b"1")])), DeadReason::MissingText);
-        assert_eq!(reason(entry(&[(b"content", b"\xff\xfe")])), DeadReason::InvalidUtf8);
-        assert_eq!(reason(entry(&[(b"content", b" \t\n")])), DeadReason::EmptyText);
+        assert_eq!(
+            reason(entry(&[(b"content", b"\xff\xfe")])),
+            DeadReason::InvalidUtf8
+        );
+        assert_eq!(
+            reason(entry(&[(b"content", b" \t\n")])),
+            DeadReason::EmptyText
+        );
         assert_eq!(reason(entry(&[(b"content", b"")])), DeadReason::EmptyText);
-        assert_eq!(reason(entry(&[(b"content", &[b'a'; 101])])), DeadReason::TextTooLong);
-        assert_eq!(reason(entry(&[(b"content", b"x"), (b"id", b"")])), DeadReason::InvalidId);
-        assert_eq!(reason(entry(&[(b"content", b"x"), (b"id", b"a*")])), DeadReason::InvalidId);
-        assert_eq!(reason(entry(&[(b"content", b"x"), (b"id", b"a b")])), DeadReason::InvalidId);
-        assert_eq!(reason(entry(&[(b"content", b"x"), (b"id", &[b'a'; 17])])), DeadReason::InvalidId);
-        assert_eq!(reason(entry(&[(b"content", b"x"), (b"id", b"\xff")])), DeadReason::InvalidId);
-        assert_eq!(reason(entry(&[(b"content", b"x"), (b"embedding", b"zz")])), DeadReason::ReservedField);
+        assert_eq!(
+            reason(entry(&[(b"content", &[b'a'; 101])])),
+            DeadReason::TextTooLong
+        );
+        assert_eq!(
+            reason(entry(&[(b"content", b"x"), (b"id", b"")])),
+            DeadReason::InvalidId
+        );
+        assert_eq!(
+            reason(entry(&[(b"content", b"x"), (b"id", b"a*")])),
+            DeadReason::InvalidId
+        );
+        assert_eq!(
+            reason(entry(&[(b"content", b"x"), (b"id", b"a b")])),
+            DeadReason::InvalidId
+        );
+        assert_eq!(
+            reason(entry(&[(b"content", b"x"), (b"id", &[b'a'; 17])])),
+            DeadReason::InvalidId
+        );
+        assert_eq!(
+            reason(entry(&[(b"content", b"x"), (b"id", b"\xff")])),
+            DeadReason::InvalidId
+        );
+        assert_eq!(
+            reason(entry(&[(b"content", b"x"), (b"embedding", b"zz")])),
+            DeadReason::ReservedField
+        );
         let mut tired = entry(&[(b"content", b"x")]);
         tired.deliveries = 4;
         assert_eq!(reason(tired), DeadReason::MaxDeliveries);

@@ -83,6 +83,9 @@ struct Ctx {
     health: Arc<Health>,
     /// Entries read but not yet acked or dead-lettered (for `--drain`).
     in_flight: AtomicUsize,
+    /// Fault injection for the crash tests: hold every job this long before writing it, so a
+    /// test can kill the process between read and write. Set by EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE.
+    fault_pause_before_write: Option<Duration>,
 }
 
 /// Runs the worker until `shutdown` resolves (or, with `drain`, until nothing is left).
@@ -117,12 +120,16 @@ pub async fn run(
         metrics,
         health,
         in_flight: AtomicUsize::new(0),
+        fault_pause_before_write: std::env::var("EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE")
+            .ok()
+            .and_then(|v| humantime::parse_duration(&v).ok()),
         settings,
     });
 
     // Start-up: the group and the index, retrying only what can fix itself.
-    let mut conn = connect_retrying(&ctx, &stop_rx).await?;
-    let Some(mut conn) = conn.take() else { return Ok(RunSummary::default()) };
+    let Some(mut conn) = connect_with_retry(&ctx, &stop_rx, Duration::ZERO).await? else {
+        return Ok(RunSummary::default());
+    };
     prepare_redis(&ctx, &mut conn, model.handle.dimension()).await?;
     tracing::info!(
         stream = %ctx.group.stream, group = %ctx.group.group, consumer = %ctx.group.consumer,
@@ -139,8 +146,21 @@ pub async fn run(
     let (write_tx, write_rx) = mpsc::channel::<WriteJob>(2);
 
     let mut tasks: JoinSet<Result<(), WorkerError>> = JoinSet::new();
-    tasks.spawn(reader(ctx.clone(), conn, window_tx, write_tx.clone(), stop_rx.clone(), options));
-    tasks.spawn(prepare(ctx.clone(), model.clone(), window_rx, batch_tx, write_tx.clone()));
+    tasks.spawn(reader(
+        ctx.clone(),
+        conn,
+        window_tx,
+        write_tx.clone(),
+        stop_rx.clone(),
+        options,
+    ));
+    tasks.spawn(prepare(
+        ctx.clone(),
+        model.clone(),
+        window_rx,
+        batch_tx,
+        write_tx.clone(),
+    ));
     tasks.spawn(embedder(ctx.clone(), model, batch_rx, write_tx));
     tasks.spawn(writer(ctx.clone(), write_rx));
 
@@ -174,15 +194,16 @@ pub async fn run(
         dead_lettered: ctx.metrics.dead_lettered_total(),
         timed_out,
     };
-    tracing::info!(acked = summary.acked, dead_lettered = summary.dead_lettered, "worker stopped");
+    tracing::info!(
+        acked = summary.acked,
+        dead_lettered = summary.dead_lettered,
+        "worker stopped"
+    );
     Ok(summary)
 }
 
 /// Connects, retrying transient failures with back-off until `stop`. `None` = stopped first.
-async fn connect_retrying(ctx: &Ctx, stop: &watch::Receiver<bool>) -> Result<Option<MultiplexedConnection>, WorkerError> {
-    connect_with_retry(ctx, stop, Duration::ZERO).await
-}
-
+/// `extra` lengthens the reply timeout (blocking reads).
 async fn connect_with_retry(
     ctx: &Ctx,
     stop: &watch::Receiver<bool>,
@@ -208,7 +229,10 @@ async fn connect_with_retry(
 }
 
 fn backoff(ctx: &Ctx) -> Backoff {
-    Backoff::new(ctx.settings.redis.backoff_initial, ctx.settings.redis.backoff_max)
+    Backoff::new(
+        ctx.settings.redis.backoff_initial,
+        ctx.settings.redis.backoff_max,
+    )
 }
 
 /// Records a Redis error; true if it is worth retrying.
@@ -236,8 +260,14 @@ async fn sleep_unless_stopped(delay: Duration, stop: &watch::Receiver<bool>) -> 
     }
 }
 
-async fn prepare_redis(ctx: &Ctx, conn: &mut MultiplexedConnection, dimension: usize) -> Result<(), WorkerError> {
-    let created = consume::ensure_group(conn, &ctx.group).await.map_err(|e| ctx.store.error(e))?;
+async fn prepare_redis(
+    ctx: &Ctx,
+    conn: &mut MultiplexedConnection,
+    dimension: usize,
+) -> Result<(), WorkerError> {
+    let created = consume::ensure_group(conn, &ctx.group)
+        .await
+        .map_err(|e| ctx.store.error(e))?;
     if created {
         tracing::info!(stream = %ctx.group.stream, group = %ctx.group.group, "created consumer group");
     }
@@ -279,7 +309,16 @@ async fn reader(
             continue;
         };
         let idle_drain = options.drain && ctx.in_flight.load(Ordering::Relaxed) == 0;
-        let step = read_step(&ctx, c, &mut source, &mut next_claim, &mut claim_cursor, &mut next_stats, idle_drain).await;
+        let step = read_step(
+            &ctx,
+            c,
+            &mut source,
+            &mut next_claim,
+            &mut claim_cursor,
+            &mut next_stats,
+            idle_drain,
+        )
+        .await;
         let (read, from_new) = match step {
             Ok(r) => r,
             Err(e) => {
@@ -310,15 +349,31 @@ async fn reader(
             continue;
         }
         let window = to_window(&ctx, read);
-        ctx.in_flight.fetch_add(window.docs.len() + window.dead.len() + window.deleted.len(), Ordering::Relaxed);
+        ctx.in_flight.fetch_add(
+            window.docs.len() + window.dead.len() + window.deleted.len(),
+            Ordering::Relaxed,
+        );
         // Rejections and deleted IDs go straight to the writer; documents to the tokeniser.
         if !window.dead.is_empty() || !window.deleted.is_empty() {
-            let job = WriteJob { dead: window.dead, deleted: window.deleted, ..Default::default() };
+            let job = WriteJob {
+                dead: window.dead,
+                deleted: window.deleted,
+                ..Default::default()
+            };
             if writes.send(job).await.is_err() {
                 break;
             }
         }
-        if !window.docs.is_empty() && windows.send(Window { docs: window.docs, dead: vec![], deleted: vec![] }).await.is_err() {
+        if !window.docs.is_empty()
+            && windows
+                .send(Window {
+                    docs: window.docs,
+                    dead: vec![],
+                    deleted: vec![],
+                })
+                .await
+                .is_err()
+        {
             break;
         }
     }
@@ -344,37 +399,61 @@ async fn read_step(
     }
     if let Source::OwnPending(from) = source {
         let read = consume::read(conn, &ctx.group, from, s.read_count, None).await?;
-        match read.entries.last().map(|e| e.id.clone()).or_else(|| read.deleted.last().cloned()) {
+        match read
+            .entries
+            .last()
+            .map(|e| e.id.clone())
+            .or_else(|| read.deleted.last().cloned())
+        {
             Some(last) => {
                 *from = last;
-                tracing::info!(entries = read.entries.len(), "resuming this consumer's pending entries");
+                tracing::info!(
+                    entries = read.entries.len(),
+                    "resuming this consumer's pending entries"
+                );
                 return Ok((read, false));
             }
             None => *source = Source::New,
         }
     }
     if Instant::now() >= *next_claim || idle_drain {
-        let (cursor, read) = consume::autoclaim(conn, &ctx.group, s.claim_idle, claim_cursor, s.read_count).await?;
+        let (cursor, read) =
+            consume::autoclaim(conn, &ctx.group, s.claim_idle, claim_cursor, s.read_count).await?;
         let wrapped = cursor == "0-0";
         *claim_cursor = cursor;
         if wrapped {
             *next_claim = Instant::now() + s.claim_interval;
             match consume::delete_idle_consumers(conn, &ctx.group, s.consumer_idle_delete).await {
-                Ok(gone) if !gone.is_empty() => tracing::info!(consumers = ?gone, "deleted idle consumers"),
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!(consumers = ?gone, "deleted idle consumers")
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "could not clean up idle consumers"),
             }
         }
         if !read.entries.is_empty() || !read.deleted.is_empty() {
-            tracing::info!(entries = read.entries.len(), "claimed entries idle on other consumers");
+            tracing::info!(
+                entries = read.entries.len(),
+                "claimed entries idle on other consumers"
+            );
             return Ok((read, false));
         }
     }
     let mut read = consume::read(conn, &ctx.group, ">", s.read_count, Some(s.block)).await?;
     let wait = ctx.settings.batch.max_wait;
-    if !read.entries.is_empty() && read.entries.len() < ctx.settings.batch.max_docs && !wait.is_zero() {
+    if !read.entries.is_empty()
+        && read.entries.len() < ctx.settings.batch.max_docs
+        && !wait.is_zero()
+    {
         // A short read: give batch-mates `max_wait` to arrive, so a trickle still batches.
-        let more = consume::read(conn, &ctx.group, ">", s.read_count - read.entries.len().min(s.read_count - 1), Some(wait)).await?;
+        let more = consume::read(
+            conn,
+            &ctx.group,
+            ">",
+            s.read_count - read.entries.len().min(s.read_count - 1),
+            Some(wait),
+        )
+        .await?;
         read.entries.extend(more.entries);
         read.deleted.extend(more.deleted);
     }
@@ -382,13 +461,21 @@ async fn read_step(
 }
 
 fn to_window(ctx: &Ctx, read: Read) -> Window {
-    let mut window = Window { docs: Vec::new(), dead: Vec::new(), deleted: read.deleted };
+    let mut window = Window {
+        docs: Vec::new(),
+        dead: Vec::new(),
+        deleted: read.deleted,
+    };
     for raw in read.entries {
         match entry::parse(raw, &ctx.rules) {
             Ok(doc) => window.docs.push(doc),
             Err(r) => {
                 tracing::warn!(entry = %r.entry.id, reason = %r.reason, detail = %r.detail, "rejected entry; dead-lettering");
-                window.dead.push(DeadLetter { entry: r.entry, reason: r.reason, detail: r.detail });
+                window.dead.push(DeadLetter {
+                    entry: r.entry,
+                    reason: r.reason,
+                    detail: r.detail,
+                });
             }
         }
     }
@@ -402,10 +489,22 @@ async fn prepare(
     batches: mpsc::Sender<Tokenized>,
     writes: mpsc::Sender<WriteJob>,
 ) -> Result<(), WorkerError> {
-    let limits = BatchLimits { max_docs: ctx.settings.batch.max_docs, max_tokens: ctx.settings.batch.max_tokens };
+    let limits = BatchLimits {
+        max_docs: ctx.settings.batch.max_docs,
+        max_tokens: ctx.settings.batch.max_tokens,
+    };
     while let Some(window) = windows.recv().await {
-        let (tokenized, dead) = embed::tokenize(model.tokenizer.clone(), window.docs, ctx.metrics.clone()).await;
-        if !dead.is_empty() && writes.send(WriteJob { dead, ..Default::default() }).await.is_err() {
+        let (tokenized, dead) =
+            embed::tokenize(model.tokenizer.clone(), window.docs, ctx.metrics.clone()).await;
+        if !dead.is_empty()
+            && writes
+                .send(WriteJob {
+                    dead,
+                    ..Default::default()
+                })
+                .await
+                .is_err()
+        {
             break;
         }
         for batch in embed::batches(tokenized, limits) {
@@ -425,7 +524,15 @@ async fn embedder(
 ) -> Result<(), WorkerError> {
     while let Some(batch) = batches.recv().await {
         let (embedded, dead) = embed::embed_batch(&model.handle, batch, &ctx.metrics).await?;
-        if writes.send(WriteJob { embedded, dead, deleted: Vec::new() }).await.is_err() {
+        if writes
+            .send(WriteJob {
+                embedded,
+                dead,
+                deleted: Vec::new(),
+            })
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -440,6 +547,9 @@ async fn writer(ctx: Arc<Ctx>, mut jobs: mpsc::Receiver<WriteJob>) -> Result<(),
     let mut backoff = backoff(&ctx);
     while let Some(mut job) = jobs.recv().await {
         let entries = job.entries();
+        if let Some(pause) = ctx.fault_pause_before_write {
+            tokio::time::sleep(pause).await;
+        }
         loop {
             let c = match conn.as_mut() {
                 Some(c) => c,
@@ -467,10 +577,15 @@ async fn writer(ctx: Arc<Ctx>, mut jobs: mpsc::Receiver<WriteJob>) -> Result<(),
 }
 
 /// Writes one job; on error the job holds exactly what is still to do, so a retry redoes only that.
-async fn write_job(ctx: &Ctx, conn: &mut MultiplexedConnection, job: &mut WriteJob) -> Result<(), ::redis::RedisError> {
+async fn write_job(
+    ctx: &Ctx,
+    conn: &mut MultiplexedConnection,
+    job: &mut WriteJob,
+) -> Result<(), ::redis::RedisError> {
     let started = Instant::now();
     if !job.embedded.is_empty() {
-        let written = write::write_hashes(conn, &job.embedded, &ctx.settings.index.vector_field).await?;
+        let written =
+            write::write_hashes(conn, &job.embedded, &ctx.settings.index.vector_field).await?;
         ctx.metrics.written(written.ok.len());
         // Per-document refusals (e.g. the key holds a list) become dead letters.
         let mut refused: Vec<(usize, String)> = written.refused;
@@ -478,9 +593,17 @@ async fn write_job(ctx: &Ctx, conn: &mut MultiplexedConnection, job: &mut WriteJ
         for (i, detail) in refused {
             let (doc, _) = job.embedded.remove(i);
             tracing::warn!(entry = %doc.entry.id, key = %doc.key, error = %detail, "redis refused the hash; dead-lettering");
-            job.dead.push(DeadLetter { entry: doc.entry, reason: entry::DeadReason::WriteError, detail });
+            job.dead.push(DeadLetter {
+                entry: doc.entry,
+                reason: entry::DeadReason::WriteError,
+                detail,
+            });
         }
-        let ids: Vec<String> = job.embedded.iter().map(|(d, _)| d.entry.id.clone()).collect();
+        let ids: Vec<String> = job
+            .embedded
+            .iter()
+            .map(|(d, _)| d.entry.id.clone())
+            .collect();
         write::ack(conn, &ctx.group, &ids).await?;
         ctx.metrics.acked(ids.len());
         job.embedded.clear();
@@ -494,7 +617,10 @@ async fn write_job(ctx: &Ctx, conn: &mut MultiplexedConnection, job: &mut WriteJ
     }
     if !job.deleted.is_empty() {
         write::ack(conn, &ctx.group, &job.deleted).await?;
-        tracing::info!(entries = job.deleted.len(), "acked pending entries deleted from the stream");
+        tracing::info!(
+            entries = job.deleted.len(),
+            "acked pending entries deleted from the stream"
+        );
         job.deleted.clear();
     }
     ctx.metrics.stage(Stage::Write, started.elapsed());

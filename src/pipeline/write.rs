@@ -45,11 +45,20 @@ pub async fn write_hashes(
 }
 
 /// XACK the given entry IDs.
-pub async fn ack(conn: &mut MultiplexedConnection, g: &GroupRef, ids: &[String]) -> Result<u64, RedisError> {
+pub async fn ack(
+    conn: &mut MultiplexedConnection,
+    g: &GroupRef,
+    ids: &[String],
+) -> Result<u64, RedisError> {
     if ids.is_empty() {
         return Ok(0);
     }
-    ::redis::cmd("XACK").arg(&g.stream).arg(&g.group).arg(ids).query_async(conn).await
+    ::redis::cmd("XACK")
+        .arg(&g.stream)
+        .arg(&g.group)
+        .arg(ids)
+        .query_async(conn)
+        .await
 }
 
 /// A dead letter ready to send.

@@ -22,7 +22,12 @@ pub enum StoreError {
     #[error("redis {url}: {source}")]
     Redis { url: String, source: RedisError },
     #[error("redis {url}: cannot read {what} {path}: {source}")]
-    TlsFile { url: String, what: &'static str, path: String, source: std::io::Error },
+    TlsFile {
+        url: String,
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("redis {url}: {message}")]
     Setup { url: String, message: String },
 }
@@ -40,12 +45,18 @@ impl StoreError {
 pub fn classify(err: &RedisError) -> Disposition {
     if let Some(code) = err.code() {
         return match code {
-            "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY" => Disposition::Retry,
+            "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY" => {
+                Disposition::Retry
+            }
             "NOAUTH" | "WRONGPASS" | "NOPERM" => Disposition::Stop,
             _ => Disposition::Stop,
         };
     }
-    if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() || err.is_timeout() {
+    if err.is_io_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_timeout()
+    {
         // A TLS handshake failure (unknown CA, bad certificate) also surfaces as I/O, but it
         // will not fix itself.
         let text = err.to_string().to_lowercase();
@@ -73,12 +84,16 @@ pub struct Store {
 impl Store {
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
         let url = redact_url(&settings.url);
-        let setup = |message: String| StoreError::Setup { url: url.clone(), message };
-        let mut info = settings
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| setup(format!("invalid URL: {}", redact_message(&e.to_string(), settings))))?;
+        let setup = |message: String| StoreError::Setup {
+            url: url.clone(),
+            message,
+        };
+        let mut info = settings.url.as_str().into_connection_info().map_err(|e| {
+            setup(format!(
+                "invalid URL: {}",
+                redact_message(&e.to_string(), settings)
+            ))
+        })?;
         let mut redis_info = info.redis_settings().clone();
         if !settings.username.is_empty() {
             redis_info = redis_info.set_username(&settings.username);
@@ -90,36 +105,45 @@ impl Store {
         info = info.set_redis_settings(redis_info);
 
         let tls = settings.url.starts_with("rediss://");
-        let client = if tls && (!settings.tls_ca_file.is_empty() || !settings.tls_cert_file.is_empty()) {
-            let read = |what: &'static str, path: &str| {
-                std::fs::read(path).map_err(|source| StoreError::TlsFile {
-                    url: url.clone(),
-                    what,
-                    path: path.to_string(),
-                    source,
-                })
-            };
-            let root_cert = if settings.tls_ca_file.is_empty() {
-                None
-            } else {
-                Some(read("CA file", &settings.tls_ca_file)?)
-            };
-            let client_tls = if settings.tls_cert_file.is_empty() {
-                None
-            } else {
-                Some(::redis::ClientTlsConfig {
-                    client_cert: read("client certificate", &settings.tls_cert_file)?,
-                    client_key: read("client key", &settings.tls_key_file)?,
-                })
-            };
-            Client::build_with_tls(info, ::redis::TlsCertificates { client_tls, root_cert })
+        let client =
+            if tls && (!settings.tls_ca_file.is_empty() || !settings.tls_cert_file.is_empty()) {
+                let read = |what: &'static str, path: &str| {
+                    std::fs::read(path).map_err(|source| StoreError::TlsFile {
+                        url: url.clone(),
+                        what,
+                        path: path.to_string(),
+                        source,
+                    })
+                };
+                let root_cert = if settings.tls_ca_file.is_empty() {
+                    None
+                } else {
+                    Some(read("CA file", &settings.tls_ca_file)?)
+                };
+                let client_tls = if settings.tls_cert_file.is_empty() {
+                    None
+                } else {
+                    Some(::redis::ClientTlsConfig {
+                        client_cert: read("client certificate", &settings.tls_cert_file)?,
+                        client_key: read("client key", &settings.tls_key_file)?,
+                    })
+                };
+                Client::build_with_tls(
+                    info,
+                    ::redis::TlsCertificates {
+                        client_tls,
+                        root_cert,
+                    },
+                )
                 .map_err(|e| setup(format!("TLS set-up: {e}")))?
-        } else {
-            if !tls && !settings.tls_ca_file.is_empty() {
-                return Err(setup("redis.tls_ca_file is set but the URL is not rediss://".into()));
-            }
-            Client::open(info).map_err(|e| setup(e.to_string()))?
-        };
+            } else {
+                if !tls && !settings.tls_ca_file.is_empty() {
+                    return Err(setup(
+                        "redis.tls_ca_file is set but the URL is not rediss://".into(),
+                    ));
+                }
+                Client::open(info).map_err(|e| setup(e.to_string()))?
+            };
         Ok(Self {
             client,
             url,
@@ -146,7 +170,10 @@ impl Store {
 
     /// Wraps a Redis error with the (redacted) URL.
     pub fn error(&self, source: RedisError) -> StoreError {
-        StoreError::Redis { url: self.url.clone(), source }
+        StoreError::Redis {
+            url: self.url.clone(),
+            source,
+        }
     }
 }
 
@@ -169,7 +196,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { initial, max, attempt: 0 }
+        Self {
+            initial,
+            max,
+            attempt: 0,
+        }
     }
 
     /// The next delay: uniformly random in [cap/2, cap], cap = min(max, initial * 2^attempt).
@@ -206,15 +237,23 @@ mod tests {
 
     #[test]
     fn server_error_codes_have_dispositions() {
-        let loading = RedisError::from((ErrorKind::Server(::redis::ServerErrorKind::BusyLoading), "LOADING"));
+        let loading = RedisError::from((
+            ErrorKind::Server(::redis::ServerErrorKind::BusyLoading),
+            "LOADING",
+        ));
         assert_eq!(classify(&loading), Disposition::Retry);
-        let io = RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"));
+        let io = RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ));
         assert_eq!(classify(&io), Disposition::Retry);
     }
 
     #[test]
     fn passwords_never_reach_messages() {
-        let mut s = crate::settings::Settings::load_from(None, Vec::new()).unwrap().redis;
+        let mut s = crate::settings::Settings::load_from(None, Vec::new())
+            .unwrap()
+            .redis;
         s.url = "redis://u:topsecret@127.0.0.1:1".into();
         let store = Store::new(&s).unwrap();
         assert!(!store.url.contains("topsecret"));

