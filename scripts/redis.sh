@@ -26,7 +26,7 @@ case "${1:-start}" in
     mkdir -p "$DATA"
     args=(--port "$PORT" --bind 127.0.0.1 --dir "$DATA" --daemonize yes --pidfile "$DATA/redis-$PORT.pid"
           --logfile "$DATA/redis-$PORT.log" --appendonly yes --appendfsync everysec
-          --appendfilename "appendonly-$PORT.aof" --dbfilename "dump-$PORT.rdb")
+          --appenddirname "appendonly-$PORT" --dbfilename "dump-$PORT.rdb")
     IFS=: read -ra mods <<< "$EMBED_WORKER_REDIS_MODULES"
     for m in "${mods[@]}"; do args+=(--loadmodule "$m"); done
     "$EMBED_WORKER_REDIS_SERVER" "${args[@]}"
@@ -35,8 +35,9 @@ case "${1:-start}" in
     ;;
   stop)
     pidfile="$DATA/redis-$PORT.pid"
-    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-      kill "$(cat "$pidfile")"; for _ in $(seq 1 100); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.1; done
+    pid="$(cat "$pidfile" 2>/dev/null || true)"
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+      kill "$pid"; for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
       echo "redis: stopped (port $PORT)"
     else
       echo "redis: no server started by this script on port $PORT"
