@@ -52,8 +52,10 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
         let (mut added, mut skipped) = (0u64, 0u64);
         let mut pipe = ::redis::pipe();
         let mut queued = 0usize;
+        let mut bytes_read = 0u64;
         for (n, line) in reader.lines().enumerate() {
             let line = line?;
+            bytes_read += line.len() as u64 + 1;
             if line.trim().is_empty() {
                 continue;
             }
@@ -79,7 +81,13 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
                 queued = 0;
                 pipe = ::redis::pipe();
                 if progress {
-                    eprint!("\renqueued {added}");
+                    match total_bytes {
+                        Some(total) => eprint!(
+                            "\renqueued {added} ({:.0}%)",
+                            100.0 * bytes_read.min(total) as f64 / total as f64
+                        ),
+                        None => eprint!("\renqueued {added}"),
+                    }
                     let _ = std::io::stderr().flush();
                 }
             }

@@ -279,3 +279,67 @@ fn a_dimension_mismatch_refuses_to_start() {
         "{err}"
     );
 }
+
+#[test]
+fn enqueue_reports_bad_lines_with_their_number_and_adds_the_rest() {
+    let server = RedisServer::start();
+    let names = Names::new("enq");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("docs.jsonl");
+    std::fs::write(
+        &file,
+        "{\"id\":\"a\",\"content\":\"That is a happy dog\",\"genre\":\"pets\"}\n\
+         {not json}\n\
+         \n\
+         [1,2]\n\
+         {\"id\":\"b\",\"content\":\"Today is a sunny day\",\"n\":3}\n",
+    )
+    .unwrap();
+    let out = run_ok(worker_cmd(&server, &names).arg("enqueue").arg(&file));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("line 2:") && err.contains("line 4:"), "{err}");
+    assert!(
+        err.contains("enqueued 2 entries") && err.contains("skipped 2"),
+        "{err}"
+    );
+    let mut conn = server.conn();
+    let len: u64 = ::redis::cmd("XLEN")
+        .arg(&names.stream)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(len, 2);
+    drain(&server, &names);
+    let n: Option<String> = ::redis::cmd("HGET")
+        .arg(format!("{}b", names.prefix))
+        .arg("n")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        n.as_deref(),
+        Some("3"),
+        "non-string JSON values are stored as JSON text"
+    );
+}
+
+#[test]
+fn index_commands_create_describe_and_drop() {
+    let server = RedisServer::start();
+    let names = Names::new("idx");
+    let out = run_ok(worker_cmd(&server, &names).args(["index", "create"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("created"));
+    let out = run_ok(worker_cmd(&server, &names).args(["index", "create"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already exists"));
+    let out = run_ok(worker_cmd(&server, &names).args(["index", "info"]));
+    let info = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        info.contains("vector: FLOAT32 DIM 384 L2") && info.contains("num_docs: 0"),
+        "{info}"
+    );
+    run_ok(worker_cmd(&server, &names).args(["index", "drop"]));
+    let out = worker_cmd(&server, &names)
+        .args(["index", "info"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("does not exist"));
+}
