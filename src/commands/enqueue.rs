@@ -37,12 +37,14 @@ pub fn fields_of(line: &str) -> Result<Vec<(String, String)>, String> {
 }
 
 pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
-    let reader: Box<dyn BufRead> = if args.file == "-" {
-        Box::new(BufReader::new(std::io::stdin()))
+    // Total bytes, when known, turn the progress counter into a percentage.
+    let (reader, total_bytes): (Box<dyn BufRead>, Option<u64>) = if args.file == "-" {
+        (Box::new(BufReader::new(std::io::stdin())), None)
     } else {
         let file =
             std::fs::File::open(&args.file).map_err(|e| anyhow::anyhow!("{}: {e}", args.file))?;
-        Box::new(BufReader::new(file))
+        let size = file.metadata().ok().map(|m| m.len()).filter(|&n| n > 0);
+        (Box::new(BufReader::new(file)), size)
     };
     let store = Store::new(&settings.redis)?;
     let stream = settings.stream.name.clone();
