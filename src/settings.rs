@@ -130,6 +130,11 @@ pub struct ModelSettings {
     pub ort_library: String,
     /// ORT intra-op threads; 0 = CPUs available to this process.
     pub intra_threads: usize,
+    /// Let ORT's idle intra-op threads spin between operators (lower latency per call, but
+    /// they burn the CPU the tokeniser and the Redis I/O need on a small quota).
+    pub intra_spinning: bool,
+    /// ORT graph optimisation level: "disable", "basic", "extended" or "all".
+    pub optimization: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

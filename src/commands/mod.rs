@@ -1,10 +1,12 @@
 //! The command line: one module per subcommand.
 
+pub mod bench;
 pub mod embed;
 pub mod enqueue;
 pub mod index;
 pub mod run;
 pub mod search;
+pub mod stats;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +41,11 @@ pub enum Command {
     Enqueue(enqueue::Args),
     /// Create, drop or describe the index.
     Index(index::Args),
+    /// Queue and index at a glance: stream length, lag, pending, consumers, dead letters, documents.
+    Stats(stats::Args),
+    /// Model-only throughput over texts from stdin, with no Redis (for `make bench`).
+    #[command(hide = true)]
+    BenchModel(bench::Args),
 }
 
 /// Runs a parsed command line.
@@ -51,6 +58,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Search(args) => search::execute(settings, args),
         Command::Enqueue(args) => enqueue::execute(settings, args),
         Command::Index(args) => index::execute(settings, args),
+        Command::BenchModel(args) => bench::execute(settings, args),
+        Command::Stats(args) => stats::execute(settings, args),
     }
 }
 

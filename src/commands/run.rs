@@ -29,6 +29,13 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
     let health = Arc::new(Health::default());
     let summary = runtime.block_on(async {
         crate::observe::serve(&settings.http, metrics.clone(), health.clone()).await?;
+        // Keeps /readyz and the lag/pending gauges current whatever the pipeline is doing.
+        crate::observe::probe::spawn(
+            crate::redis::Store::new(&settings.redis)?,
+            crate::observe::probe::Target::from_settings(&settings),
+            health.clone(),
+            metrics.clone(),
+        );
         let options = RunOptions { drain: args.drain };
         anyhow::Ok(
             pipeline::run(settings, model, metrics, health, options, shutdown_signal()).await?,

@@ -85,13 +85,7 @@ impl Model {
         let dir = &settings.model.dir;
         let config = EmbeddingConfig::load(dir)?;
         let tokenizer = TextTokenizer::load(dir, config.max_seq_length)?;
-        let options = onnx::OnnxOptions {
-            model_path: settings.model_path(),
-            ort_library: Some(&settings.model.ort_library)
-                .filter(|p| !p.is_empty())
-                .map(PathBuf::from),
-            intra_threads: settings.model.intra_threads,
-        };
+        let options = onnx::OnnxOptions::from_settings(settings);
         let embedder = onnx::OnnxEmbedder::load(&options, &config)?;
         Ok(Self {
             tokenizer: std::sync::Arc::new(tokenizer),

@@ -11,8 +11,9 @@ use ort::value::{Tensor, ValueType};
 use super::config::{EmbeddingConfig, Pooling};
 use super::pooling::{normalize, pool};
 use super::{Embedder, Encoded, ModelError};
+use crate::settings::Settings;
 
-/// Where the files come from and how many threads ORT may use.
+/// Where the files come from and how ORT runs them.
 #[derive(Debug, Clone)]
 pub struct OnnxOptions {
     pub model_path: PathBuf,
@@ -20,6 +21,35 @@ pub struct OnnxOptions {
     pub ort_library: Option<PathBuf>,
     /// Intra-op threads; 0 = what this process may use (cgroup-aware).
     pub intra_threads: usize,
+    /// Idle intra-op threads spin instead of sleeping (ORT's default is to spin).
+    pub intra_spinning: bool,
+    /// "disable", "basic", "extended" or "all".
+    pub optimization: String,
+}
+
+impl OnnxOptions {
+    pub fn from_settings(settings: &Settings) -> Self {
+        let m = &settings.model;
+        Self {
+            model_path: settings.model_path(),
+            ort_library: Some(&m.ort_library)
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from),
+            intra_threads: m.intra_threads,
+            intra_spinning: m.intra_spinning,
+            optimization: m.optimization.clone(),
+        }
+    }
+}
+
+fn optimization_level(name: &str) -> Option<GraphOptimizationLevel> {
+    match name {
+        "disable" => Some(GraphOptimizationLevel::Disable),
+        "basic" => Some(GraphOptimizationLevel::Level1),
+        "extended" => Some(GraphOptimizationLevel::Level2),
+        "all" => Some(GraphOptimizationLevel::All),
+        _ => None,
+    }
 }
 
 pub struct OnnxEmbedder {
@@ -86,10 +116,19 @@ impl OnnxEmbedder {
         } else {
             options.intra_threads
         };
+        let level = optimization_level(&options.optimization).ok_or_else(|| {
+            file_err(format!(
+                "model.optimization {:?} is not one of disable, basic, extended, all",
+                options.optimization
+            ))
+        })?;
+        // One operator at a time (inter 1): this encoder is a chain, so parallel branches gain
+        // nothing and a second pool would only compete for the same cores.
         let session = Session::builder(&env)
-            .and_then(|b| Ok(b.with_optimization_level(GraphOptimizationLevel::All)?))
+            .and_then(|b| Ok(b.with_optimization_level(level)?))
             .and_then(|b| Ok(b.with_intra_threads(threads)?))
             .and_then(|b| Ok(b.with_inter_threads(1)?))
+            .and_then(|b| Ok(b.with_intra_op_spinning(options.intra_spinning)?))
             .and_then(|mut b| b.commit_from_file(path))
             .map_err(|e| file_err(e.to_string()))?;
 
@@ -140,7 +179,8 @@ impl OnnxEmbedder {
                 config.dimension
             )));
         }
-        tracing::info!(model = %path.display(), dimension, threads, "model loaded");
+        tracing::info!(model = %path.display(), dimension, threads, spinning = options.intra_spinning,
+            optimization = %options.optimization, "model loaded");
         Ok(Self {
             session,
             _env: env,

@@ -43,3 +43,29 @@ impl Health {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_every_fact_holds_and_says_what_is_missing() {
+        let h = Health::default();
+        assert_eq!(
+            h.ready(),
+            Err(vec![
+                "model not loaded",
+                "redis unreachable",
+                "consumer group missing",
+                "index missing"
+            ])
+        );
+        h.set_model_loaded(true);
+        h.set_redis_reachable(true);
+        h.set_group_present(true);
+        h.set_index_present(true);
+        assert_eq!(h.ready(), Ok(()));
+        h.set_redis_reachable(false);
+        assert_eq!(h.ready(), Err(vec!["redis unreachable"]));
+    }
+}

@@ -31,17 +31,12 @@ pub async fn serve(
             };
             let (metrics, health) = (metrics.clone(), health.clone());
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 2048];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    socket.read(&mut buf),
-                )
-                .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
+                let Ok(Ok(Some(head))) =
+                    tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut socket)).await
+                else {
+                    return;
                 };
-                let request = String::from_utf8_lossy(&buf[..n]);
+                let request = String::from_utf8_lossy(&head);
                 let path = request.split_whitespace().nth(1).unwrap_or("/");
                 let (status, content_type, body) = route(path, &metrics, &health);
                 let response = format!(
@@ -54,6 +49,26 @@ pub async fn serve(
         }
     });
     Ok(Some(addr))
+}
+
+/// A client gets this long to send its request line and headers.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest request head accepted (probes and scrapers send a few hundred bytes).
+const MAX_HEAD: usize = 8192;
+
+/// Reads up to the blank line ending the headers, however the client split its writes: closing
+/// with request bytes unread would reset the connection before the client reads the answer.
+async fn read_head(socket: &mut tokio::net::TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 || head.len() + n > MAX_HEAD {
+            return Ok(None);
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(Some(head))
 }
 
 fn route(path: &str, metrics: &Metrics, health: &Health) -> (&'static str, &'static str, String) {

@@ -12,6 +12,12 @@ use std::time::Duration;
 struct Labeled(Mutex<BTreeMap<String, u64>>);
 
 impl Labeled {
+    /// Series that exist from the start at 0, so `rate()` and alerts see them before the first event.
+    fn declared(labels: &[&str]) -> Self {
+        Self(Mutex::new(
+            labels.iter().map(|l| (l.to_string(), 0)).collect(),
+        ))
+    }
     fn add(&self, label: &str, n: u64) {
         let mut map = self
             .0
@@ -126,8 +132,10 @@ impl Default for Metrics {
             embedded: AtomicU64::new(0),
             written: AtomicU64::new(0),
             acked: AtomicU64::new(0),
-            dead_lettered: Labeled::default(),
-            errors: Labeled::default(),
+            dead_lettered: Labeled::declared(
+                &crate::pipeline::entry::DeadReason::ALL.map(|r| r.as_str()),
+            ),
+            errors: Labeled::declared(&["model", "redis"]),
             batch_docs: Histogram::new(&[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
             batch_padded_tokens: Histogram::new(&[
                 64.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
@@ -198,31 +206,31 @@ impl Metrics {
         counter(
             &mut out,
             "documents_embedded_total",
-            "Documents turned into vectors.",
+            "Documents turned into vectors by the model (a document is counted again if it is redelivered).",
             self.embedded.load(Ordering::Relaxed),
         );
         counter(
             &mut out,
             "documents_written_total",
-            "Document hashes written to Redis.",
+            "Document hashes Redis confirmed (HSET with the vector).",
             self.written.load(Ordering::Relaxed),
         );
         counter(
             &mut out,
             "documents_acked_total",
-            "Stream entries acknowledged after their hash was written.",
+            "Stream entries acknowledged (XACK) after their document hash was written. Dead letters are acked too but counted only in embed_worker_dead_letters_total, so every entry handled is acked_total + dead_letters_total.",
             self.acked.load(Ordering::Relaxed),
         );
         for (name, help, labeled, label) in [
             (
                 "dead_letters_total",
-                "Entries sent to the dead-letter stream, by reason.",
+                "Entries copied to the dead-letter stream and then acked, by reason (missing_text, model_error, ...).",
                 &self.dead_lettered,
                 "reason",
             ),
             (
                 "errors_total",
-                "Handled errors (retried or isolated), by kind.",
+                "Handled errors by kind: redis (connection or command failed; retried with back-off), model (a batch failed; split to isolate the document).",
                 &self.errors,
                 "kind",
             ),
@@ -263,13 +271,13 @@ impl Metrics {
         gauge(
             &mut out,
             "stream_lag",
-            "Entries in the stream not yet delivered to the group.",
+            "Entries in the stream not yet delivered to the consumer group (XINFO GROUPS lag, refreshed every second).",
             self.stream_lag.load(Ordering::Relaxed),
         );
         gauge(
             &mut out,
             "group_pending",
-            "Entries delivered to the group and not yet acknowledged.",
+            "Entries delivered to the consumer group and not yet acknowledged, all consumers together (XINFO GROUPS pending, refreshed every second).",
             self.group_pending.load(Ordering::Relaxed),
         );
         let (name, dim) = self
@@ -279,7 +287,7 @@ impl Metrics {
             .clone();
         let _ = writeln!(
             out,
-            "# HELP embed_worker_model_info The model in use.\n# TYPE embed_worker_model_info gauge\nembed_worker_model_info{{name=\"{}\",dimension=\"{dim}\"}} 1",
+            "# HELP embed_worker_model_info The model in use: name and embedding dimension as labels, value always 1.\n# TYPE embed_worker_model_info gauge\nembed_worker_model_info{{name=\"{}\",dimension=\"{dim}\"}} 1",
             escape(&name)
         );
         out
@@ -290,4 +298,126 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample<'a>(text: &'a str, series: &str) -> Option<&'a str> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+    }
+
+    #[test]
+    fn counters_and_labels_render_with_their_values() {
+        let m = Metrics::default();
+        m.embedded(5);
+        m.written(5);
+        m.acked(4);
+        m.dead_lettered("missing_text");
+        m.dead_lettered("missing_text");
+        m.error("redis");
+        m.model_info("all-MiniLM-L6-v2", 384);
+        let text = m.render();
+        assert_eq!(
+            sample(&text, "embed_worker_documents_embedded_total"),
+            Some("5")
+        );
+        assert_eq!(
+            sample(&text, "embed_worker_documents_acked_total"),
+            Some("4")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "embed_worker_dead_letters_total{reason=\"missing_text\"}"
+            ),
+            Some("2")
+        );
+        // Declared series exist at 0 before their first event.
+        assert_eq!(
+            sample(
+                &text,
+                "embed_worker_dead_letters_total{reason=\"model_error\"}"
+            ),
+            Some("0")
+        );
+        assert_eq!(
+            sample(&text, "embed_worker_errors_total{kind=\"model\"}"),
+            Some("0")
+        );
+        assert_eq!(
+            sample(&text, "embed_worker_errors_total{kind=\"redis\"}"),
+            Some("1")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "embed_worker_model_info{name=\"all-MiniLM-L6-v2\",dimension=\"384\"}"
+            ),
+            Some("1")
+        );
+        assert_eq!(m.dead_lettered_total(), 2);
+    }
+
+    #[test]
+    fn histograms_are_cumulative_with_sum_and_count() {
+        let m = Metrics::default();
+        m.batch(3, 300);
+        m.batch(32, 4000);
+        m.stage(Stage::Model, Duration::from_millis(30));
+        let text = m.render();
+        let docs = "embed_worker_batch_documents";
+        assert_eq!(
+            sample(&text, &format!("{docs}_bucket{{le=\"2\"}}")),
+            Some("0")
+        );
+        assert_eq!(
+            sample(&text, &format!("{docs}_bucket{{le=\"4\"}}")),
+            Some("1")
+        );
+        assert_eq!(
+            sample(&text, &format!("{docs}_bucket{{le=\"32\"}}")),
+            Some("2")
+        );
+        assert_eq!(
+            sample(&text, &format!("{docs}_bucket{{le=\"+Inf\"}}")),
+            Some("2")
+        );
+        assert_eq!(sample(&text, &format!("{docs}_sum")), Some("35"));
+        assert_eq!(sample(&text, &format!("{docs}_count")), Some("2"));
+        let stage = "embed_worker_stage_duration_seconds";
+        assert_eq!(
+            sample(
+                &text,
+                &format!("{stage}_bucket{{stage=\"model\",le=\"0.025\"}}")
+            ),
+            Some("0")
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!("{stage}_bucket{{stage=\"model\",le=\"0.05\"}}")
+            ),
+            Some("1")
+        );
+        assert_eq!(
+            sample(&text, &format!("{stage}_count{{stage=\"model\"}}")),
+            Some("1")
+        );
+        assert_eq!(
+            sample(&text, &format!("{stage}_count{{stage=\"write\"}}")),
+            Some("0")
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::default();
+        m.model_info("a\"b\\c\nd", 1);
+        assert!(m
+            .render()
+            .contains(r#"embed_worker_model_info{name="a\"b\\c\nd",dimension="1"} 1"#));
+    }
 }

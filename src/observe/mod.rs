@@ -1,11 +1,12 @@
-//! Observability: Prometheus metrics, health state, and tracing set-up.
+//! Observability: Prometheus metrics, health state (kept current by the Redis probe), the HTTP
+//! listener serving both, and tracing set-up.
 
 pub mod health;
+pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod probe;
 
 pub use health::Health;
-pub use metrics::Metrics;
-pub mod http;
-
 pub use http::serve;
+pub use metrics::Metrics;

@@ -101,7 +101,7 @@ pub async fn embed_batch(
                 metrics.error("model");
                 if b.docs.len() == 1 {
                     let doc = b.docs.into_iter().next().expect("len is 1");
-                    tracing::warn!(entry = %doc.entry.id, error = %e, "model failed on this document alone; dead-lettering");
+                    tracing::debug!(entry = %doc.entry.id, error = %e, "model failed on this document alone");
                     dead.push(DeadLetter {
                         entry: doc.entry,
                         reason: DeadReason::ModelError,

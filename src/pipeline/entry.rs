@@ -153,10 +153,13 @@ pub fn parse(entry: RawEntry, rules: &EntryRules) -> Result<Doc, Rejected> {
         );
         return reject(entry, DeadReason::MaxDeliveries, detail);
     }
+    // A stream entry may repeat a field name; HSET keeps the last value, so read the last one
+    // too: the text embedded is then the text stored beside the vector.
     let find = |name: &str| {
         entry
             .fields
             .iter()
+            .rev()
             .find(|(k, _)| k == name.as_bytes())
             .map(|(_, v)| v)
     };
@@ -314,6 +317,27 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_text_field_embeds_what_the_hash_stores() {
+        // HSET keeps the last value of a repeated field; the embedded text must be that one.
+        let doc = parse(
+            entry(&[
+                (b"content", b"first"),
+                (b"id", b"a"),
+                (b"content", b"last"),
+                (b"id", b"b"),
+            ]),
+            &rules(),
+        )
+        .unwrap();
+        assert_eq!(doc.text, "last");
+        assert_eq!(doc.key, "doc:b");
+        assert_eq!(
+            reason(entry(&[(b"content", b"fine"), (b"content", b"   ")])),
+            DeadReason::EmptyText
+        );
+    }
+
+    #[test]
     fn rejection_keeps_the_whole_entry() {
         let e = entry(&[(b"content", b"\xff"), (b"other", b"\x00\x01")]);
         assert_eq!(parse(e.clone(), &rules()).unwrap_err().entry, e);
@@ -339,9 +363,47 @@ mod tests {
                     prop_assert!(doc.key.starts_with("doc:"));
                     prop_assert!(!doc.text.trim().is_empty() && doc.text.len() <= 100);
                     prop_assert!(doc.hash_fields().all(|(k, _)| k != b"id" && k != b"embedding"));
+                    // What HSET stores under "content" (the last value) is what gets embedded.
+                    let stored = e.fields.iter().rev().find(|(k, _)| k == b"content").map(|(_, v)| v.clone());
+                    prop_assert_eq!(stored, Some(doc.text.clone().into_bytes()));
                     prop_assert_eq!(&doc.entry, &e);
                 }
                 Err(r) => prop_assert_eq!(r.entry, e),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Few cases, big inputs: thousands of fields and values far over every limit (up to
+        /// 2 MiB) still map to a document or a rejection, with the limits holding.
+        #[test]
+        fn thousands_of_fields_and_huge_values_never_panic(
+            n_fields in 1000usize..5000,
+            huge in 0usize..(2 << 20),
+            text_len in 0usize..300,
+            id_len in 0usize..40,
+            filler in any::<u8>(),
+        ) {
+            let mut fields: Vec<(Vec<u8>, Vec<u8>)> = (0..n_fields)
+                .map(|i| (format!("f{i}").into_bytes(), vec![filler; i % 7]))
+                .collect();
+            fields.push((b"blob".to_vec(), vec![filler; huge]));
+            fields.push((b"id".to_vec(), vec![b'k'; id_len]));
+            fields.insert(n_fields / 2, (b"content".to_vec(), vec![b'w'; text_len]));
+            let e = RawEntry { id: "9-9".into(), fields, deliveries: 1 };
+            match parse(e.clone(), &rules()) {
+                Ok(doc) => {
+                    prop_assert!(text_len > 0 && text_len <= 100 && id_len > 0 && id_len <= 16);
+                    prop_assert_eq!(doc.hash_fields().count(), n_fields + 2);
+                }
+                Err(r) => {
+                    let expected = if text_len == 0 { DeadReason::EmptyText }
+                        else if text_len > 100 { DeadReason::TextTooLong }
+                        else { DeadReason::InvalidId };
+                    prop_assert_eq!(r.reason, expected);
+                    prop_assert_eq!(r.entry, e);
+                }
             }
         }
     }

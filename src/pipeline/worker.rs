@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 
 use super::batch::BatchLimits;
@@ -81,8 +81,10 @@ struct Ctx {
     dead_stream: String,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    /// Entries read but not yet acked or dead-lettered (for `--drain`).
+    /// Entries read but not yet acked or dead-lettered (for `--drain`, and the read budget).
     in_flight: AtomicUsize,
+    /// Signalled by the writer whenever entries leave `in_flight`.
+    finished: Notify,
     /// Fault injection for the crash tests: hold every job this long before writing it, so a
     /// test can kill the process between read and write. Set by EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE.
     fault_pause_before_write: Option<Duration>,
@@ -120,6 +122,7 @@ pub async fn run(
         metrics,
         health,
         in_flight: AtomicUsize::new(0),
+        finished: Notify::new(),
         fault_pause_before_write: std::env::var("EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE")
             .ok()
             .and_then(|v| humantime::parse_duration(&v).ok()),
@@ -127,10 +130,9 @@ pub async fn run(
     });
 
     // Start-up: the group and the index, retrying only what can fix itself.
-    let Some(mut conn) = connect_with_retry(&ctx, &stop_rx, Duration::ZERO).await? else {
+    let Some(conn) = start_up(&ctx, &stop_rx, model.handle.dimension()).await? else {
         return Ok(RunSummary::default());
     };
-    prepare_redis(&ctx, &mut conn, model.handle.dimension()).await?;
     tracing::info!(
         stream = %ctx.group.stream, group = %ctx.group.group, consumer = %ctx.group.consumer,
         index = %ctx.settings.index.name, model = %model.handle.name(), dimension = model.handle.dimension(),
@@ -213,7 +215,8 @@ async fn connect_with_retry(
     loop {
         match ctx.store.connect_with(extra).await {
             Ok(conn) => {
-                ctx.health.set_redis_reachable(true);
+                // Readiness comes back through observe::probe, which also re-checks the group
+                // and the index (a restarted Redis may have lost them), not from here.
                 return Ok(Some(conn));
             }
             Err(e) => {
@@ -224,6 +227,30 @@ async fn connect_with_retry(
                     return Ok(None);
                 }
             }
+        }
+    }
+}
+
+/// Connects and prepares the group and the index, retrying transient errors (a Redis still
+/// LOADING its dataset after a restart, a dropped connection) until `stop`. `None` = stopped.
+async fn start_up(
+    ctx: &Ctx,
+    stop: &watch::Receiver<bool>,
+    dimension: usize,
+) -> Result<Option<MultiplexedConnection>, WorkerError> {
+    let mut backoff = backoff(ctx);
+    loop {
+        let Some(mut conn) = connect_with_retry(ctx, stop, Duration::ZERO).await? else {
+            return Ok(None);
+        };
+        match prepare_redis(ctx, &mut conn, dimension).await {
+            Ok(()) => return Ok(Some(conn)),
+            Err(WorkerError::Store(e)) if transient(ctx, &e) => {
+                if !sleep_unless_stopped(backoff.next_delay(), stop).await {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(e),
         }
     }
 }
@@ -302,7 +329,23 @@ async fn reader(
     let mut next_claim = Instant::now();
     let mut next_stats = Instant::now();
     let mut claim_cursor = "0-0".to_string();
+    // At most two reads in flight: one being embedded and written, one prefetched. Entries
+    // queued inside a live worker age in the PEL like those of a dead one, so this bound is what
+    // keeps `claim_idle` meaningful (and the SIGTERM drain short): without it the channels hold
+    // up to ~9 reads, minutes of work on a slow CPU, and other workers would reclaim entries this
+    // one is still about to finish.
+    let budget = 2 * s.read_count;
     while !*stop.borrow() {
+        if ctx.in_flight.load(Ordering::Relaxed) + s.read_count > budget {
+            let mut stopped = stop.clone();
+            tokio::select! {
+                // A timeout, not only the notification: a wake-up between the check and the
+                // wait would otherwise be missed.
+                _ = tokio::time::timeout(Duration::from_millis(100), ctx.finished.notified()) => {}
+                _ = stopped.wait_for(|s| *s) => {}
+            }
+            continue;
+        }
         let Some(c) = conn.as_mut() else {
             // Blocking reads need replies to outlive the BLOCK time.
             conn = connect_with_retry(&ctx, &stop, s.block + ctx.settings.batch.max_wait).await?;
@@ -334,7 +377,6 @@ async fn reader(
             }
         };
         backoff.reset();
-        ctx.health.set_redis_reachable(true);
         if read.entries.is_empty() && read.deleted.is_empty() {
             if options.drain && from_new && ctx.in_flight.load(Ordering::Relaxed) == 0 {
                 match consume::group_state(c, &ctx.group).await {
@@ -470,7 +512,8 @@ fn to_window(ctx: &Ctx, read: Read) -> Window {
         match entry::parse(raw, &ctx.rules) {
             Ok(doc) => window.docs.push(doc),
             Err(r) => {
-                tracing::warn!(entry = %r.entry.id, reason = %r.reason, detail = %r.detail, "rejected entry; dead-lettering");
+                // Logged once, at warn, when the dead letter is written (write_job).
+                tracing::debug!(entry = %r.entry.id, reason = %r.reason, detail = %r.detail, "rejected entry");
                 window.dead.push(DeadLetter {
                     entry: r.entry,
                     reason: r.reason,
@@ -572,6 +615,7 @@ async fn writer(ctx: Arc<Ctx>, mut jobs: mpsc::Receiver<WriteJob>) -> Result<(),
         }
         backoff.reset();
         ctx.in_flight.fetch_sub(entries, Ordering::Relaxed);
+        ctx.finished.notify_one();
     }
     Ok(())
 }
@@ -592,7 +636,7 @@ async fn write_job(
         refused.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
         for (i, detail) in refused {
             let (doc, _) = job.embedded.remove(i);
-            tracing::warn!(entry = %doc.entry.id, key = %doc.key, error = %detail, "redis refused the hash; dead-lettering");
+            tracing::debug!(entry = %doc.entry.id, key = %doc.key, error = %detail, "redis refused the hash");
             job.dead.push(DeadLetter {
                 entry: doc.entry,
                 reason: entry::DeadReason::WriteError,
@@ -611,6 +655,9 @@ async fn write_job(
     if !job.dead.is_empty() {
         write::dead_letter(conn, &ctx.group, &ctx.dead_stream, &job.dead).await?;
         for l in &job.dead {
+            // The one log line per failed entry: every failure path ends here, once it is durable.
+            tracing::warn!(entry = %l.entry.id, reason = %l.reason, detail = %l.detail,
+                dead_letter_stream = %ctx.dead_stream, "dead-lettered entry");
             ctx.metrics.dead_lettered(l.reason.as_str());
         }
         job.dead.clear();

@@ -19,8 +19,10 @@ pub enum Disposition {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("redis {url}: {source}")]
-    Redis { url: String, source: RedisError },
+    /// The Redis error is part of the message (not a `source`), so a printed cause chain does
+    /// not repeat it; a hint follows for the errors a person must fix.
+    #[error("redis {url}: {error}{}", hint(error))]
+    Redis { url: String, error: RedisError },
     #[error("redis {url}: cannot read {what} {path}: {source}")]
     TlsFile {
         url: String,
@@ -35,7 +37,7 @@ pub enum StoreError {
 impl StoreError {
     pub fn disposition(&self) -> Disposition {
         match self {
-            StoreError::Redis { source, .. } => classify(source),
+            StoreError::Redis { error, .. } => classify(error),
             StoreError::TlsFile { .. } | StoreError::Setup { .. } => Disposition::Stop,
         }
     }
@@ -45,7 +47,9 @@ impl StoreError {
 pub fn classify(err: &RedisError) -> Disposition {
     if let Some(code) = err.code() {
         return match code {
-            "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY" => {
+            // OOM: maxmemory reached; memory can come back (eviction, a bigger limit), and
+            // exiting would only turn a full Redis into a crash-looping fleet.
+            "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY" | "OOM" => {
                 Disposition::Retry
             }
             "NOAUTH" | "WRONGPASS" | "NOPERM" => Disposition::Stop,
@@ -57,10 +61,7 @@ pub fn classify(err: &RedisError) -> Disposition {
         || err.is_connection_refusal()
         || err.is_timeout()
     {
-        // A TLS handshake failure (unknown CA, bad certificate) also surfaces as I/O, but it
-        // will not fix itself.
-        let text = err.to_string().to_lowercase();
-        if text.contains("certificate") || text.contains("tls") && text.contains("handshake") {
+        if is_tls_failure(err) {
             return Disposition::Stop;
         }
         return Disposition::Retry;
@@ -105,6 +106,11 @@ impl Store {
         info = info.set_redis_settings(redis_info);
 
         let tls = settings.url.starts_with("rediss://");
+        if tls {
+            // redis builds rustls without choosing a crypto provider; without a process default
+            // the first handshake panics. An Err means one is installed already: fine.
+            let _ = ::rustls::crypto::ring::default_provider().install_default();
+        }
         let client =
             if tls && (!settings.tls_ca_file.is_empty() || !settings.tls_cert_file.is_empty()) {
                 let read = |what: &'static str, path: &str| {
@@ -172,9 +178,32 @@ impl Store {
     pub fn error(&self, source: RedisError) -> StoreError {
         StoreError::Redis {
             url: self.url.clone(),
-            source,
+            error: source,
         }
     }
+}
+
+/// What to check, for the errors that will not fix themselves.
+fn hint(err: &RedisError) -> &'static str {
+    if err.kind() == ErrorKind::AuthenticationFailed
+        || matches!(err.code(), Some("WRONGPASS" | "NOAUTH"))
+    {
+        return " (check redis.username / redis.password or the URL's credentials)";
+    }
+    if err.code() == Some("NOPERM") {
+        return " (the ACL user lacks this command or key; see deploy/redis-acl.conf)";
+    }
+    if is_tls_failure(err) {
+        return " (TLS: check redis.tls_ca_file signs the server's certificate, and the host name)";
+    }
+    ""
+}
+
+/// A TLS handshake failure (unknown CA, bad or expired certificate, wrong name) surfaces as
+/// I/O, but it will not fix itself.
+fn is_tls_failure(err: &RedisError) -> bool {
+    let text = err.to_string().to_lowercase();
+    text.contains("certificate") || text.contains("tls") && text.contains("handshake")
 }
 
 /// Removes the password from an error message that might echo the URL.

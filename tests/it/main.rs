@@ -3,4 +3,6 @@
 
 mod common;
 mod model;
+mod ops;
+mod reliability;
 mod worker;

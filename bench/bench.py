@@ -1,0 +1,371 @@
+"""`make bench`: throughput, latency and memory of embed-worker against the embedded Redis.
+
+For each model file (fp32 model.onnx, and int8 model_int8.onnx when present) and each corpus
+(short sentences ~25 tokens, long paragraphs ~200 tokens, from bench/corpus.py), in one run:
+
+* ceiling: `embed-worker bench-model` (length-sorted batches as the worker cuts them, no Redis,
+  model load and a warm-up batch excluded);
+* worker: N entries loaded into a fresh stream, then `embed-worker run --drain` with the index in
+  place. docs/s = N / (first entry read .. last entry acked), seen by polling XINFO GROUPS every
+  10 ms, so process start-up (model load) and the drain's exit check are not counted. Peak RSS of
+  the whole process from wait4();
+* python: bench/baseline_worker.py (XREADGROUP 32, pad-to-longest, pipelined HSET + XACK), same
+  model file, same thread count, timed the same way;
+* latency: a fresh worker, ready (its group exists), fed by a producer XADDing at a steady 50% of
+  the worker's measured rate. Latency = time the hash is written - time just before its XADD,
+  both taken in this process on one clock: the write time is when Redis's keyspace notification
+  for that key's HSET (`notify-keyspace-events Kh`) arrives on a subscriber thread, which Redis
+  sends as it executes the command, so it is accurate to well under a millisecond.
+
+    .venv/bin/python bench/bench.py              # full run (a few minutes), table + bench/out/bench.json
+    .venv/bin/python bench/bench.py --smoke      # seconds; what CI runs
+    .venv/bin/python bench/bench.py --soak 600   # fp32 worker under a steady backlog, RSS sampled
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import redis
+from tokenizers import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import corpus  # noqa: E402
+
+BIN = ROOT / "target/release/embed-worker"
+OUT = ROOT / "bench/out"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    """A throw-away redis-server with the search module, no persistence, on a free port."""
+
+    def __init__(self) -> None:
+        server = os.environ["EMBED_WORKER_REDIS_SERVER"]
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="embed-bench-")
+        args = [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", self.dir, "--notify-keyspace-events", "Kh"]
+        for m in os.environ["EMBED_WORKER_REDIS_MODULES"].split(":"):
+            args += ["--loadmodule", m]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                self.client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError("redis-server did not start")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Case:
+    """One stream/group/index name set, so runs never see each other's data."""
+
+    n = 0
+
+    def __init__(self, label: str) -> None:
+        Case.n += 1
+        tag = f"{label}{Case.n}"
+        self.stream, self.group, self.index, self.prefix = f"bench:{tag}", "bench", f"idx_{tag}", f"{tag}:"
+
+
+def worker_env(rd: Redis, case: Case, model_file: str, threads: int) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "EMBED_WORKER__REDIS__URL": rd.url, "EMBED_WORKER__STREAM__NAME": case.stream,
+        "EMBED_WORKER__STREAM__GROUP": case.group, "EMBED_WORKER__STREAM__CONSUMER": "bench",
+        "EMBED_WORKER__INDEX__NAME": case.index, "EMBED_WORKER__INDEX__PREFIX": case.prefix,
+        "EMBED_WORKER__MODEL__FILE": model_file, "EMBED_WORKER__MODEL__INTRA_THREADS": str(threads),
+        "EMBED_WORKER__HTTP__LISTEN": "", "EMBED_WORKER__LOG__LEVEL": "warn",
+    })
+    return env
+
+
+def load(rd: Redis, case: Case, texts: list[str], group: bool = True) -> None:
+    r = rd.client
+    if group:
+        r.xgroup_create(case.stream, case.group, id="0", mkstream=True)
+    pipe = r.pipeline(transaction=False)
+    for i, t in enumerate(texts):
+        pipe.xadd(case.stream, {"id": str(i), "content": t})
+        if i % 500 == 499:
+            pipe.execute()
+    pipe.execute()
+
+
+def create_index(rd: Redis, case: Case) -> None:
+    """The schema the worker creates (config/default.toml), for the Python baseline."""
+    rd.client.execute_command(
+        "FT.CREATE", case.index, "ON", "HASH", "PREFIX", 1, case.prefix, "SCHEMA", "content", "TEXT",
+        "genre", "TAG", "embedding", "VECTOR", "HNSW", 10, "TYPE", "FLOAT32", "DIM", 384,
+        "DISTANCE_METRIC", "L2", "M", 16, "EF_CONSTRUCTION", 200)
+
+
+def group_state(r: redis.Redis, case: Case) -> tuple[int, int, int] | None:
+    """(entries read, pending, lag) of the bench group, or None before it exists."""
+    try:
+        for g in r.xinfo_groups(case.stream):
+            if g["name"] in (case.group, case.group.encode()):
+                return g["entries-read"] or 0, g["pending"], g["lag"] or 0
+    except redis.ResponseError:
+        pass
+    return None
+
+
+def timed_drain(rd: Redis, case: Case, n: int, cmd: list[str], env: dict) -> dict:
+    """Runs `cmd` until it exits; returns docs/s over first-read..last-ack and peak RSS (MB)."""
+    poller = redis.Redis(port=rd.port)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = last = None
+    while True:
+        s = group_state(poller, case)
+        now = time.perf_counter()
+        if s and first is None and s[0] > 0:
+            first = now
+        if s and s[0] >= n and s[1] == 0 and s[2] == 0:
+            last = now
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read()
+    if last is None or first is None:
+        raise RuntimeError(f"{cmd[0]} exited (status {status}) before draining the stream: {err[-2000:]}")
+    return {"docs_per_s": n / max(last - first, 1e-9), "seconds": last - first, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def ceiling(texts: list[str], env: dict) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("\n".join(texts) + "\n")
+    try:
+        out = subprocess.run([str(BIN), "bench-model", "--file", f.name], env=env, check=True,
+                             capture_output=True, text=True).stdout
+    finally:
+        os.unlink(f.name)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def latency(rd: Redis, texts: list[str], model_file: str, threads: int, rate: float, seconds: float) -> dict:
+    """p50/p99 of XADD -> hash written at a steady `rate` docs/s (see the module doc)."""
+    case = Case("lat")
+    env = worker_env(rd, case, model_file, threads)
+    proc = subprocess.Popen([str(BIN), "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    written: dict[str, float] = {}
+    ps = redis.Redis(port=rd.port).pubsub()
+    ps.psubscribe(f"__keyspace@0__:{case.prefix}*")
+
+    def listen() -> None:
+        for msg in ps.listen():
+            if msg["type"] == "pmessage" and msg["data"] == b"hset":
+                written.setdefault(msg["channel"].decode()[len("__keyspace@0__:"):], time.perf_counter())
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    try:
+        deadline = time.time() + 120
+        while group_state(rd.client, case) is None or not index_exists(rd.client, case):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"worker did not start: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.05)
+        time.sleep(0.5)  # the reader's first blocking read is in place
+        sent: dict[str, float] = {}
+        n = max(int(rate * seconds), 20)
+        start = time.perf_counter()
+        for i in range(n):
+            target = start + i / rate
+            while (now := time.perf_counter()) < target:
+                time.sleep(min(target - now, 0.002))
+            key = f"{case.prefix}{i}"
+            sent[key] = time.perf_counter()
+            rd.client.xadd(case.stream, {"id": str(i), "content": texts[i % len(texts)]})
+        wait_until = time.time() + 60
+        while len(written) < n and time.time() < wait_until:
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        ps.punsubscribe()
+    lat = sorted((written[k] - sent[k]) * 1000 for k in sent if k in written)
+    if len(lat) < n:
+        raise RuntimeError(f"latency run: only {len(lat)} of {n} documents were written")
+    pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+    return {"offered_docs_per_s": rate, "docs": n, "p50_ms": pick(0.50), "p99_ms": pick(0.99), "max_ms": lat[-1]}
+
+
+def index_exists(r: redis.Redis, case: Case) -> bool:
+    try:
+        r.execute_command("FT.INFO", case.index)
+        return True
+    except redis.ResponseError:
+        return False
+
+
+def run_case(rd: Redis, kind: str, texts: list[str], tokens: int, model_file: str, threads: int,
+             lat_seconds: float) -> dict:
+    model_dir = Path(os.environ["EMBED_WORKER_MODEL_DIR"])
+    res: dict = {"corpus": kind, "model": model_file, "docs": len(texts), "tokens": tokens, "threads": threads}
+    res["ceiling"] = ceiling(texts, worker_env(rd, Case("ceil"), model_file, threads))
+
+    case = Case("w")
+    load(rd, case, texts)
+    res["worker"] = timed_drain(rd, case, len(texts), [str(BIN), "run", "--drain"],
+                                worker_env(rd, case, model_file, threads))
+
+    case = Case("py")
+    create_index(rd, case)
+    load(rd, case, texts)
+    res["python"] = timed_drain(rd, case, len(texts), [
+        sys.executable, str(ROOT / "bench/baseline_worker.py"), "--redis-url", rd.url, "--stream", case.stream,
+        "--group", case.group, "--prefix", case.prefix, "--model", str(model_dir / model_file),
+        "--tokenizer", str(model_dir / "tokenizer.json"), "--threads", str(threads)], dict(os.environ))
+    for k in ("worker", "python"):
+        res[k]["tokens_per_s"] = res[k]["docs_per_s"] * tokens / len(texts)
+    if lat_seconds > 0:
+        res["latency"] = latency(rd, texts, model_file, threads, 0.5 * res["worker"]["docs_per_s"], lat_seconds)
+    return res
+
+
+def soak(rd: Redis, seconds: float, threads: int) -> dict:
+    """fp32 worker under a steady backlog of mixed short/long texts; RSS sampled every second."""
+    case = Case("soak")
+    texts = corpus.texts("short", 2000, seed=7) + corpus.texts("long", 200, seed=7)
+    proc = subprocess.Popen([str(BIN), "run"], env=worker_env(rd, case, "model.onnx", threads),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples, i, start = [], 0, time.time()
+    try:
+        while time.time() - start < seconds:
+            s = group_state(rd.client, case)
+            backlog = s[2] if s else 0
+            if backlog < 500:  # keep it busy; ids cycle so the hash count stays bounded
+                pipe = rd.client.pipeline(transaction=False)
+                for _ in range(500):
+                    pipe.xadd(case.stream, {"id": str(i % 5000), "content": texts[i % len(texts)]}, maxlen=20000)
+                    i += 1
+                pipe.execute()
+            with open(f"/proc/{proc.pid}/status") as f:
+                rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+            samples.append((round(time.time() - start, 1), round(rss, 1)))
+            time.sleep(1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    s = group_state(rd.client, case) or (0, 0, 0)
+    steady = [r for t, r in samples if t >= min(30, seconds / 4)]
+    half = len(steady) // 2
+    return {"seconds": seconds, "docs": s[0], "rss_first_mb": samples[0][1], "rss_max_mb": max(r for _, r in samples),
+            "rss_steady_first_half_max_mb": max(steady[:half] or [0]), "rss_steady_second_half_max_mb": max(steady[half:] or [0]),
+            "rss_end_mb": samples[-1][1], "samples": samples}
+
+
+def table(results: list[dict]) -> str:
+    rows = [("model", "corpus", "ceiling/s", "worker/s", "tok/s", "w/ceil", "python/s", "w/py", "p50ms", "p99ms", "RSS MB", "py RSS")]
+    for r in results:
+        lat = r.get("latency", {})
+        rows.append((r["model"], r["corpus"], f"{r['ceiling']['docs_per_s']:.0f}", f"{r['worker']['docs_per_s']:.0f}",
+                     f"{r['worker']['tokens_per_s']:.0f}", f"{r['worker']['docs_per_s'] / r['ceiling']['docs_per_s']:.2f}",
+                     f"{r['python']['docs_per_s']:.0f}", f"{r['worker']['docs_per_s'] / r['python']['docs_per_s']:.2f}",
+                     f"{lat.get('p50_ms', float('nan')):.0f}", f"{lat.get('p99_ms', float('nan')):.0f}",
+                     f"{r['worker']['peak_rss_mb']:.0f}", f"{r['python']['peak_rss_mb']:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def targets(results: list[dict]) -> list[str]:
+    get = {(r["model"], r["corpus"]): r for r in results}
+    lines = []
+
+    def check(name: str, value: float, goal: float) -> None:
+        lines.append(f"{'met ' if value >= goal else 'MISS'}  {name}: {value:.2f} (target >= {goal})")
+
+    fp = "model.onnx"
+    if (fp, "short") in get:
+        r = get[(fp, "short")]
+        check("fp32 short worker / ceiling", r["worker"]["docs_per_s"] / r["ceiling"]["docs_per_s"], 0.9)
+        check("fp32 short worker / python", r["worker"]["docs_per_s"] / r["python"]["docs_per_s"], 1.5)
+    if (fp, "long") in get:
+        r = get[(fp, "long")]
+        check("fp32 long worker / python", r["worker"]["docs_per_s"] / r["python"]["docs_per_s"], 1.2)
+    if ("model_int8.onnx", "short") in get and (fp, "short") in get:
+        check("int8 short worker / python fp32", get[("model_int8.onnx", "short")]["worker"]["docs_per_s"]
+              / get[(fp, "short")]["python"]["docs_per_s"], 3.0)
+    for r in results:
+        if r["model"] == fp:
+            ok = r["worker"]["peak_rss_mb"] < 400
+            lines.append(f"{'met ' if ok else 'MISS'}  fp32 {r['corpus']} peak RSS: {r['worker']['peak_rss_mb']:.0f} MB (target < 400)")
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="a few hundred documents, seconds (CI)")
+    p.add_argument("--short", type=int, default=3000, help="short sentences per run")
+    p.add_argument("--long", type=int, default=500, help="long paragraphs per run")
+    p.add_argument("--latency-seconds", type=float, default=15)
+    p.add_argument("--models", nargs="*", default=["model.onnx", "model_int8.onnx"])
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="only the memory soak, this long")
+    a = p.parse_args()
+    if a.smoke:
+        a.short, a.long, a.latency_seconds = 200, 24, 2
+    if not BIN.is_file():
+        sys.exit(f"{BIN} missing: run `make build`")
+    model_dir = Path(os.environ["EMBED_WORKER_MODEL_DIR"])
+    OUT.mkdir(parents=True, exist_ok=True)
+    rd = Redis()
+    try:
+        if a.soak:
+            res = soak(rd, a.soak, a.threads)
+            (OUT / "soak.json").write_text(json.dumps(res, indent=1))
+            print({k: v for k, v in res.items() if k != "samples"})
+            return 0
+        tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        tok.no_padding()
+        tok.enable_truncation(256)
+        results = []
+        for model_file in a.models:
+            if not (model_dir / model_file).is_file():
+                print(f"skipping {model_file}: not built (make model-int8)")
+                continue
+            for kind, n in (("short", a.short), ("long", a.long)):
+                texts = corpus.texts(kind, n, seed=11)
+                tokens = sum(len(e.ids) for e in tok.encode_batch(texts))
+                print(f"{model_file} {kind}: {n} docs, {tokens / n:.0f} tokens each ...", flush=True)
+                results.append(run_case(rd, kind, texts, tokens, model_file, a.threads,
+                                        a.latency_seconds if kind == "short" or not a.smoke else 0))
+    finally:
+        rd.close()
+    print()
+    print(table(results))
+    print()
+    print("\n".join(targets(results)))
+    (OUT / ("smoke.json" if a.smoke else "bench.json")).write_text(json.dumps(
+        {"threads": a.threads, "cpus": os.cpu_count(), "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Deterministic benchmark and calibration corpora (no downloads).
+
+Sentences are built from topic word lists and templates with a seeded RNG, so every run of
+`make bench` and `make model-int8` sees the same texts:
+
+* short: one sentence, about 25 tokens (all-MiniLM-L6-v2's WordPiece, with [CLS]/[SEP]);
+* long: a paragraph of sentences on one topic, about 200 tokens.
+
+    python bench/corpus.py short 5 --seed 1     # print 5 short texts
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+TOPICS = {
+    "weather": (
+        ["storm", "forecast", "rainfall", "heatwave", "breeze", "cloud cover", "snowfall", "humidity", "drought", "thunder"],
+        ["coastal towns", "the northern valley", "farmers", "commuters", "the harbour", "mountain villages"],
+        ["arrived", "lingered", "cleared", "intensified", "moved east", "surprised forecasters"],
+    ),
+    "cooking": (
+        ["recipe", "sauce", "sourdough loaf", "spice blend", "stew", "pastry", "marinade", "broth", "risotto", "salad"],
+        ["the chef", "home cooks", "the bakery", "a small restaurant", "our grandmother", "the cooking class"],
+        ["simmered slowly", "needed more salt", "tasted smoky", "was served warm", "rose overnight", "won praise"],
+    ),
+    "software": (
+        ["database", "compiler", "deployment", "memory leak", "release", "cache", "scheduler", "API", "test suite", "queue"],
+        ["the engineers", "the on-call team", "open source maintainers", "the startup", "our customers", "the reviewers"],
+        ["crashed at midnight", "shipped on time", "ran twice as fast", "needed a rollback", "passed every check", "leaked memory"],
+    ),
+    "sports": (
+        ["match", "striker", "marathon", "goalkeeper", "tournament", "coach", "relay team", "final", "season", "penalty"],
+        ["the fans", "the home side", "the visiting club", "young athletes", "the referee", "the commentators"],
+        ["ended in a draw", "broke the record", "was postponed", "turned the game around", "drew a huge crowd", "lost narrowly"],
+    ),
+    "finance": (
+        ["interest rate", "stock price", "budget", "bond market", "inflation", "quarterly report", "loan", "pension fund", "currency", "tax reform"],
+        ["investors", "the central bank", "small businesses", "analysts", "households", "the treasury"],
+        ["fell sharply", "rose unexpectedly", "stayed flat", "worried markets", "beat estimates", "was revised upward"],
+    ),
+    "health": (
+        ["vaccine", "clinic", "diet", "sleep study", "therapy", "hospital ward", "blood test", "exercise plan", "allergy", "surgery"],
+        ["patients", "the nurses", "researchers", "older adults", "the doctors", "parents"],
+        ["showed promise", "reduced symptoms", "was delayed", "improved recovery", "raised questions", "went smoothly"],
+    ),
+    "travel": (
+        ["flight", "train journey", "hotel", "ferry", "road trip", "museum visit", "passport", "mountain hike", "beach resort", "tour"],
+        ["tourists", "the family", "backpackers", "the travel agent", "pilgrims", "business travellers"],
+        ["was cancelled", "felt unforgettable", "ran late", "cost too much", "offered stunning views", "sold out quickly"],
+    ),
+    "pets": (
+        ["dog", "kitten", "parrot", "hamster", "puppy", "old cat", "goldfish", "rabbit", "horse", "tortoise"],
+        ["the children", "the vet", "our neighbours", "the shelter", "a happy person", "the owners"],
+        ["barked all night", "learned a new trick", "slept in the sun", "ran across the park", "needed a checkup", "was adopted"],
+    ),
+}
+ADJ = ["quiet", "sudden", "remarkable", "ordinary", "careful", "unusual", "bright", "long-awaited", "modest", "difficult", "cheerful", "strange"]
+TIME = ["on Monday", "last winter", "this morning", "after a long delay", "during the holidays", "late on Friday", "in early spring", "yesterday afternoon"]
+TEMPLATES = [
+    "The {adj} {noun} {verb} {time}, and {who} said they had never seen anything like it.",
+    "{Who} noticed that the {noun} {verb} {time}, which made the whole week feel {adj}.",
+    "According to {who}, the {adj} {noun} {verb} {time} because nobody had planned for it.",
+    "{Time}, the {noun} {verb}, so {who} decided to try something {adj} next time.",
+    "It was a {adj} day for {who}: the {noun} {verb} {time} and everyone talked about it.",
+]
+
+
+def sentence(rng: random.Random, topic: str | None = None) -> str:
+    topic = topic or rng.choice(sorted(TOPICS))
+    nouns, whos, verbs = TOPICS[topic]
+    who = rng.choice(whos)
+    time = rng.choice(TIME)
+    return rng.choice(TEMPLATES).format(
+        adj=rng.choice(ADJ), noun=rng.choice(nouns), verb=rng.choice(verbs),
+        who=who, Who=who[0].upper() + who[1:], time=time, Time=time[0].upper() + time[1:],
+    )
+
+
+def paragraph(rng: random.Random, sentences: int = 9) -> str:
+    """About 200 tokens: several sentences on one topic (a second topic sometimes drifts in)."""
+    topic = rng.choice(sorted(TOPICS))
+    return " ".join(sentence(rng, topic if rng.random() < 0.8 else None) for _ in range(sentences))
+
+
+def texts(kind: str, n: int, seed: int = 0) -> list[str]:
+    """`n` texts of `kind` ("short" or "long"), the same for the same seed."""
+    rng = random.Random(f"{kind}-{seed}")
+    if kind == "short":
+        return [sentence(rng) for _ in range(n)]
+    if kind == "long":
+        return [paragraph(rng) for _ in range(n)]
+    raise ValueError(f"unknown corpus kind {kind!r} (short or long)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=["short", "long"])
+    p.add_argument("n", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    for t in texts(a.kind, a.n, a.seed):
+        print(t)
+
+
+if __name__ == "__main__":
+    main()

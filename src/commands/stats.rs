@@ -1,0 +1,254 @@
+//! `embed-worker stats [--json]`: the queue and the index at a glance, from Redis alone (works
+//! with no worker running): stream length, group lag and pending, consumers and their idle
+//! times, dead letters, indexed documents and indexing failures.
+
+use std::process::ExitCode;
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{RedisError, Value};
+use serde::Serialize;
+
+use crate::redis::{index, Store};
+use crate::settings::Settings;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub stream: StreamStats,
+    /// `None` when the stream or the group does not exist (yet).
+    pub group: Option<GroupStats>,
+    pub consumers: Vec<ConsumerStats>,
+    pub dead_letters: StreamStats,
+    /// `None` when the index does not exist (yet).
+    pub index: Option<IndexStats>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StreamStats {
+    pub name: String,
+    /// XLEN (0 for a missing stream).
+    pub length: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GroupStats {
+    pub name: String,
+    /// Entries not yet delivered to the group; `None` when Redis cannot tell.
+    pub lag: Option<u64>,
+    /// Delivered and not yet acknowledged.
+    pub pending: u64,
+    pub last_delivered_id: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConsumerStats {
+    pub name: String,
+    pub pending: u64,
+    /// Milliseconds since its last attempted interaction (a read, even an empty one).
+    pub idle_ms: u64,
+    /// Milliseconds since its last successful read (Redis 7.2+; `None` before, or never read).
+    pub inactive_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct IndexStats {
+    pub name: String,
+    pub num_docs: u64,
+    pub hash_indexing_failures: u64,
+    pub percent_indexed: f64,
+}
+
+pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
+    let store = Store::new(&settings.redis)?;
+    let stats = super::runtime()?.block_on(async {
+        let mut conn = store.connect().await?;
+        collect(&mut conn, &settings)
+            .await
+            .map_err(|e| anyhow::Error::from(store.error(e)))
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+    } else {
+        print!("{}", table(&stats));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads everything `stats` shows.
+pub async fn collect(
+    conn: &mut MultiplexedConnection,
+    settings: &Settings,
+) -> Result<Stats, RedisError> {
+    let stream = &settings.stream.name;
+    let dead = settings.dead_letter_stream();
+    let group = group(conn, stream, &settings.stream.group).await?;
+    let consumers = if group.is_some() {
+        consumers(conn, stream, &settings.stream.group).await?
+    } else {
+        Vec::new()
+    };
+    let index = index::info(conn, &settings.index.name).await?.map(|info| {
+        let get = |k: &str| info.iter().find(|(key, _)| key == k).map(|(_, v)| v);
+        let num = |k: &str| get(k).map(index::text).and_then(|t| t.parse::<f64>().ok());
+        IndexStats {
+            name: settings.index.name.clone(),
+            num_docs: num("num_docs").unwrap_or(0.0) as u64,
+            hash_indexing_failures: num("hash_indexing_failures").unwrap_or(0.0) as u64,
+            percent_indexed: num("percent_indexed").unwrap_or(0.0),
+        }
+    });
+    Ok(Stats {
+        stream: StreamStats {
+            name: stream.clone(),
+            length: xlen(conn, stream).await?,
+        },
+        group,
+        consumers,
+        dead_letters: StreamStats {
+            length: xlen(conn, &dead).await?,
+            name: dead,
+        },
+        index,
+    })
+}
+
+async fn xlen(conn: &mut MultiplexedConnection, stream: &str) -> Result<u64, RedisError> {
+    ::redis::cmd("XLEN").arg(stream).query_async(conn).await
+}
+
+/// XINFO GROUPS/CONSUMERS on a missing stream is an error; here it means "nothing yet".
+fn missing_stream(e: &RedisError) -> bool {
+    e.to_string().to_lowercase().contains("no such key")
+}
+
+fn int(kv: &[(String, Value)], key: &str) -> Option<u64> {
+    match kv.iter().find(|(k, _)| k == key).map(|(_, v)| v) {
+        Some(Value::Int(n)) if *n >= 0 => Some(*n as u64),
+        _ => None,
+    }
+}
+
+fn string(kv: &[(String, Value)], key: &str) -> String {
+    kv.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| index::text(v))
+        .unwrap_or_default()
+}
+
+async fn group(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    name: &str,
+) -> Result<Option<GroupStats>, RedisError> {
+    let reply: Value = match ::redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+    {
+        Ok(v) => v,
+        Err(e) if missing_stream(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let Value::Array(groups) = reply else {
+        return Ok(None);
+    };
+    Ok(groups.iter().map(index::pairs).find_map(|kv| {
+        (string(&kv, "name") == name).then(|| GroupStats {
+            name: name.to_string(),
+            lag: int(&kv, "lag"),
+            pending: int(&kv, "pending").unwrap_or(0),
+            last_delivered_id: string(&kv, "last-delivered-id"),
+        })
+    }))
+}
+
+async fn consumers(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> Result<Vec<ConsumerStats>, RedisError> {
+    let reply: Value = ::redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await?;
+    let Value::Array(items) = reply else {
+        return Ok(Vec::new());
+    };
+    Ok(items
+        .iter()
+        .map(index::pairs)
+        .map(|kv| ConsumerStats {
+            name: string(&kv, "name"),
+            pending: int(&kv, "pending").unwrap_or(0),
+            idle_ms: int(&kv, "idle").unwrap_or(0),
+            inactive_ms: int(&kv, "inactive"),
+        })
+        .collect())
+}
+
+/// The human table.
+pub fn table(s: &Stats) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "stream        {:<28} length {}",
+        s.stream.name, s.stream.length
+    );
+    match &s.group {
+        Some(g) => {
+            let lag = g.lag.map_or("unknown".to_string(), |l| l.to_string());
+            let _ = writeln!(
+                out,
+                "group         {:<28} lag {lag}  pending {}  last delivered {}",
+                g.name, g.pending, g.last_delivered_id
+            );
+        }
+        None => {
+            let _ = writeln!(out, "group         (missing: no worker has started yet)");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "dead letters  {:<28} length {}",
+        s.dead_letters.name, s.dead_letters.length
+    );
+    match &s.index {
+        Some(i) => {
+            let _ = writeln!(
+                out,
+                "index         {:<28} docs {}  indexing failures {}  indexed {}%",
+                i.name,
+                i.num_docs,
+                i.hash_indexing_failures,
+                i.percent_indexed * 100.0
+            );
+        }
+        None => {
+            let _ = writeln!(out, "index         (missing: no worker has started yet)");
+        }
+    }
+    if !s.consumers.is_empty() {
+        let _ = writeln!(out, "\n{:<40} {:>8} {:>12}", "CONSUMER", "PENDING", "IDLE");
+        for c in &s.consumers {
+            let idle = humantime::format_duration(std::time::Duration::from_millis(c.idle_ms));
+            let _ = writeln!(
+                out,
+                "{:<40} {:>8} {:>12}",
+                c.name,
+                c.pending,
+                idle.to_string()
+            );
+        }
+    }
+    out
+}

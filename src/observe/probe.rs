@@ -1,0 +1,161 @@
+//! The Redis probe: once a second, PING Redis and look up the group and the index, each round
+//! under a short timeout. It keeps `/readyz` true to Redis while the worker is idle (no command
+//! in flight to notice an outage) and the lag/pending gauges current while the reader is blocked
+//! behind a full pipeline, which is exactly when the backlog grows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::Value;
+use tokio::task::JoinHandle;
+
+use super::{Health, Metrics};
+use crate::redis::connect::{Store, StoreError};
+use crate::redis::index;
+use crate::settings::Settings;
+
+/// Time between rounds.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+/// Limit on one round (connect included): an unresponsive Redis counts as unreachable.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the probe looks up.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub stream: String,
+    pub group: String,
+    pub index: String,
+}
+
+impl Target {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            stream: settings.stream.name.clone(),
+            group: settings.stream.group.clone(),
+            index: settings.index.name.clone(),
+        }
+    }
+}
+
+/// What one round found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Round {
+    /// (pending, lag) when the group exists.
+    group: Option<(u64, u64)>,
+    index: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error(transparent)]
+    Connect(#[from] StoreError),
+    #[error("{0}")]
+    Command(#[from] ::redis::RedisError),
+    #[error("no reply within {ROUND_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// Starts the probe in the background; it runs until the runtime shuts down.
+pub fn spawn(
+    store: Store,
+    target: Target,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut conn: Option<MultiplexedConnection> = None;
+        let mut ticker = tokio::time::interval(INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_error: Option<String> = None;
+        loop {
+            ticker.tick().await;
+            let round = tokio::time::timeout(ROUND_TIMEOUT, async {
+                let reused = conn.is_some();
+                match check(&store, &mut conn, &target).await {
+                    // A connection kept from before a Redis restart fails once: that is not an
+                    // outage, so retry on a fresh one before saying so.
+                    Err(ProbeError::Command(e)) if reused && e.code().is_none() => {
+                        conn = None;
+                        check(&store, &mut conn, &target).await
+                    }
+                    other => other,
+                }
+            })
+            .await
+            .unwrap_or(Err(ProbeError::Timeout));
+            match round {
+                Ok(round) => {
+                    // The facts first, reachability last: no moment of "ready" on stale facts.
+                    health.set_group_present(round.group.is_some());
+                    health.set_index_present(round.index);
+                    health.set_redis_reachable(true);
+                    if let Some((pending, lag)) = round.group {
+                        metrics.group_state(pending, lag);
+                    }
+                    if last_error.take().is_some() {
+                        tracing::info!(url = %store.url, "redis reachable again");
+                    }
+                }
+                Err(e) => {
+                    // A half-broken connection would fail every round: start afresh.
+                    conn = None;
+                    health.set_redis_reachable(false);
+                    let text = e.to_string();
+                    // Logged on change only, not once a second for the whole outage.
+                    if last_error.as_deref() != Some(text.as_str()) {
+                        tracing::warn!(url = %store.url, error = %text, "redis health check failed; not ready");
+                        last_error = Some(text);
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn check(
+    store: &Store,
+    conn: &mut Option<MultiplexedConnection>,
+    target: &Target,
+) -> Result<Round, ProbeError> {
+    if conn.is_none() {
+        *conn = Some(store.connect().await?);
+    }
+    let c = conn.as_mut().expect("connected just above");
+    let _: Value = ::redis::cmd("PING").query_async(c).await?;
+    let group = group_state(c, &target.stream, &target.group).await?;
+    let index = index::info(c, &target.index).await?.is_some();
+    Ok(Round { group, index })
+}
+
+/// (pending, lag) of `group` from XINFO GROUPS; `None` when the stream or the group is missing.
+/// A lag Redis cannot tell (after some deletions) reads as 0.
+pub async fn group_state(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> Result<Option<(u64, u64)>, ::redis::RedisError> {
+    let reply: Result<Value, _> = ::redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await;
+    let groups = match reply {
+        Ok(Value::Array(groups)) => groups,
+        Ok(_) => return Ok(None),
+        Err(e) if e.to_string().to_lowercase().contains("no such key") => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(groups.iter().find_map(|g| {
+        let kv = index::pairs(g);
+        let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v);
+        if get("name").map(index::text).as_deref() != Some(group) {
+            return None;
+        }
+        let int = |k: &str| match get(k) {
+            Some(Value::Int(n)) => *n as u64,
+            _ => 0,
+        };
+        Some((int("pending"), int("lag")))
+    }))
+}
