@@ -314,3 +314,22 @@ pub fn pending(conn: &mut ::redis::Connection, names: &Names) -> u64 {
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// Asserts the docs page's three result lines, in order, distances within 1e-4:
+/// `ID: doc:0, Distance:0.114169843495, Content:'That is a very happy person'`.
+pub fn assert_docs_search_lines(output: &str) {
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (i, line) in lines.iter().enumerate() {
+        let prefix = format!("ID: doc:{i}, Distance:");
+        assert!(line.starts_with(&prefix), "{line}");
+        let (distance, content) = line[prefix.len()..].split_once(", Content:").unwrap();
+        let d: f64 = distance.parse().unwrap();
+        assert!(
+            (d - EXPECTED[i]).abs() < 1e-4,
+            "{line}: expected {}",
+            EXPECTED[i]
+        );
+        assert_eq!(content, format!("'{}'", DOCS[i].0));
+    }
+}

@@ -679,24 +679,7 @@ fn node_producer_and_redisvl_query() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<String> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert_eq!(lines.len(), 3, "{lines:?}");
-    for (i, line) in lines.iter().enumerate() {
-        let prefix = format!("ID: doc:{i}, Distance:");
-        assert!(line.starts_with(&prefix), "{line}");
-        let (distance, content) = line[prefix.len()..].split_once(", Content:").unwrap();
-        let d: f64 = distance.parse().unwrap();
-        assert!(
-            (d - EXPECTED[i]).abs() < 1e-4,
-            "{line}: expected {}",
-            EXPECTED[i]
-        );
-        assert_eq!(content, format!("'{}'", DOCS[i].0));
-    }
+    assert_docs_search_lines(&String::from_utf8(out.stdout).unwrap());
 }
 
 /// docs/OPERATIONS.md's configuration reference lists exactly the keys of config/default.toml,

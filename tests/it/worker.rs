@@ -66,25 +66,7 @@ fn docs_example_through_the_stream() {
     assert_eq!(pending(&mut conn, &names), 0);
 
     let out = run_ok(worker_cmd(&server, &names).args(["search", QUERY]));
-    let lines: Vec<String> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert_eq!(lines.len(), 3, "{lines:?}");
-    for (i, line) in lines.iter().enumerate() {
-        let prefix = format!("ID: doc:{i}, Distance:");
-        assert!(line.starts_with(&prefix), "{line}");
-        let rest = &line[prefix.len()..];
-        let (distance, content) = rest.split_once(", Content:").unwrap();
-        let d: f64 = distance.parse().unwrap();
-        assert!(
-            (d - EXPECTED[i]).abs() < 1e-4,
-            "{line}: expected {}",
-            EXPECTED[i]
-        );
-        assert_eq!(content, format!("'{}'", DOCS[i].0));
-    }
+    assert_docs_search_lines(&String::from_utf8(out.stdout).unwrap());
 }
 
 #[test]
