@@ -15,7 +15,7 @@ ENV := source scripts/env.sh &&
 REDIS_PORT ?= 6379
 export REDIS_PORT
 
-.PHONY: help setup model model-int8 build redis redis-stop run demo test bench fmt lint clean
+.PHONY: help setup model model-int8 build redis redis-stop run demo test bench bench-smoke fmt lint clean
 
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ test: model $(NODE_MODULES) ## every test: Rust unit + integration (real Redis, 
 
 bench: model model-int8 build ## throughput, latency and memory against the embedded Redis
 	$(ENV) $(VENV)/bin/python bench/bench.py
+
+bench-smoke: model build ## the benchmark in miniature (seconds), to keep it working in CI
+	$(ENV) $(VENV)/bin/python bench/bench.py --smoke
 
 fmt:
 	cargo fmt

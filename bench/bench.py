@@ -322,9 +322,9 @@ def targets(results: list[dict]) -> list[str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few hundred documents, seconds (CI)")
-    p.add_argument("--short", type=int, default=3000, help="short sentences per run")
-    p.add_argument("--long", type=int, default=500, help="long paragraphs per run")
-    p.add_argument("--latency-seconds", type=float, default=15)
+    p.add_argument("--short", type=int, default=2000, help="short sentences per run")
+    p.add_argument("--long", type=int, default=300, help="long paragraphs per run")
+    p.add_argument("--latency-seconds", type=float, default=10)
     p.add_argument("--models", nargs="*", default=["model.onnx", "model_int8.onnx"])
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="only the memory soak, this long")

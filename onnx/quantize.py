@@ -200,7 +200,7 @@ def quantize(source: Path, out: Path, tok: Tokenizer, method: str, keep: list[st
             nodes_to_quantize=[n for n in targets if n not in excluded],
             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=METHODS[method],
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "DedicatedQDQPair": True,
                            "CalibPercentile": 99.999, "CalibMovingAverage": False},
         )
     finally:
@@ -248,7 +248,7 @@ def main() -> int:
     p.add_argument("--keep-fp32", nargs="*", default=DEFAULT_KEEP, metavar="REGEX",
                    help="MatMul node-name patterns to leave in fp32")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (0 = off)")
-    p.add_argument("--outlier-factor", type=float, default=4.0,
+    p.add_argument("--outlier-factor", type=float, default=3.0,
                    help="input channels with max > this x the median channel's stay fp32 (0 = none)")
     p.add_argument("--calibration", type=int, default=400, help="short texts for calibration (plus a quarter as many long ones)")
     p.add_argument("--verify", type=int, default=2000, help="short texts to verify on (plus an eighth as many long ones)")
