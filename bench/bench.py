@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import corpus  # noqa: E402
 
-BIN = ROOT / "target/release/embed-worker"
+# EMBED_WORKER_BIN lets CI smoke-test with the debug binary `cargo test` already built.
+BIN = Path(os.environ.get("EMBED_WORKER_BIN", ROOT / "target/release/embed-worker"))
 OUT = ROOT / "bench/out"
 
 
