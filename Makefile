@@ -60,9 +60,9 @@ demo: model build redis ## the Redis docs' example end to end through the stream
 
 test: model $(NODE_MODULES) ## every test: Rust unit + integration (real Redis, real model), Python checks
 	$(ENV) cargo test --locked -- --test-threads=4
-	$(ENV) $(VENV)/bin/python -m pytest -q tests/deploy
 	# The benchmark in miniature, fp32 only, on the debug binary: keeps `make bench` working.
 	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/bench.py --smoke --models model.onnx
+	$(ENV) $(VENV)/bin/python -m pytest -q tests/deploy
 
 bench: model model-int8 build ## throughput, latency and memory against the embedded Redis
 	$(ENV) $(VENV)/bin/python bench/bench.py
