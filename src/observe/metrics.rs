@@ -171,13 +171,15 @@ impl Metrics {
         self.batch_docs.observe(docs as f64);
         self.batch_padded_tokens.observe(padded_tokens as f64);
     }
-    pub fn stage(&self, stage: Stage, took: Duration) {
-        let h = match stage {
+    fn stage_histogram(&self, stage: Stage) -> &Histogram {
+        match stage {
             Stage::Tokenize => &self.stage_tokenize,
             Stage::Model => &self.stage_model,
             Stage::Write => &self.stage_write,
-        };
-        h.observe(took.as_secs_f64());
+        }
+    }
+    pub fn stage(&self, stage: Stage, took: Duration) {
+        self.stage_histogram(stage).observe(took.as_secs_f64());
     }
     pub fn group_state(&self, pending: u64, lag: u64) {
         self.group_pending.store(pending, Ordering::Relaxed);
@@ -188,6 +190,14 @@ impl Metrics {
             .model
             .lock()
             .expect("metrics lock is never held across a panic") = (name.to_string(), dimension);
+    }
+
+    /// Total seconds spent in `stage` so far.
+    pub fn stage_seconds(&self, stage: Stage) -> f64 {
+        self.stage_histogram(stage)
+            .sum_micros
+            .load(Ordering::Relaxed) as f64
+            / 1e6
     }
 
     pub fn acked_total(&self) -> u64 {

@@ -166,6 +166,7 @@ pub async fn run(
     tasks.spawn(embedder(ctx.clone(), model, batch_rx, write_tx));
     tasks.spawn(writer(ctx.clone(), write_rx));
 
+    let started = Instant::now();
     let mut stop = stop_rx.clone();
     let mut timed_out = false;
     let deadline = async {
@@ -196,9 +197,15 @@ pub async fn run(
         dead_lettered: ctx.metrics.dead_lettered_total(),
         timed_out,
     };
+    // Model busy time against wall time: how well the other stages keep the model fed.
+    let wall = started.elapsed().as_secs_f64();
     tracing::info!(
         acked = summary.acked,
         dead_lettered = summary.dead_lettered,
+        wall_s = format!("{wall:.2}"),
+        model_busy_s = format!("{:.2}", ctx.metrics.stage_seconds(Stage::Model)),
+        tokenize_s = format!("{:.2}", ctx.metrics.stage_seconds(Stage::Tokenize)),
+        write_s = format!("{:.2}", ctx.metrics.stage_seconds(Stage::Write)),
         "worker stopped"
     );
     Ok(summary)
@@ -306,6 +313,20 @@ async fn prepare_redis(
     Ok(())
 }
 
+/// The longest a `--drain` read blocks for new entries.
+const DRAIN_BLOCK: Duration = Duration::from_millis(100);
+
+/// The reader's position: where to read next and when the periodic steps are due.
+struct Cursors {
+    source: Source,
+    /// When to look for entries idle on other consumers.
+    next_claim: Instant,
+    /// Where the XAUTOCLAIM scan continues.
+    claim_cursor: String,
+    /// When to refresh the lag and pending gauges.
+    next_stats: Instant,
+}
+
 /// Where the reader takes entries from next.
 enum Source {
     /// This consumer's own pending entries (a restart with the same name), from this ID on.
@@ -324,11 +345,13 @@ async fn reader(
 ) -> Result<(), WorkerError> {
     let s = &ctx.settings.stream;
     let mut conn = Some(conn);
-    let mut source = Source::OwnPending("0".into());
+    let mut cursors = Cursors {
+        source: Source::OwnPending("0".into()),
+        next_claim: Instant::now(),
+        claim_cursor: "0-0".to_string(),
+        next_stats: Instant::now(),
+    };
     let mut backoff = backoff(&ctx);
-    let mut next_claim = Instant::now();
-    let mut next_stats = Instant::now();
-    let mut claim_cursor = "0-0".to_string();
     // At most two reads in flight: one being embedded and written, one prefetched. Entries
     // queued inside a live worker age in the PEL like those of a dead one, so this bound is what
     // keeps `claim_idle` meaningful (and the SIGTERM drain short): without it the channels hold
@@ -351,17 +374,7 @@ async fn reader(
             conn = connect_with_retry(&ctx, &stop, s.block + ctx.settings.batch.max_wait).await?;
             continue;
         };
-        let idle_drain = options.drain && ctx.in_flight.load(Ordering::Relaxed) == 0;
-        let step = read_step(
-            &ctx,
-            c,
-            &mut source,
-            &mut next_claim,
-            &mut claim_cursor,
-            &mut next_stats,
-            idle_drain,
-        )
-        .await;
+        let step = read_step(&ctx, c, &mut cursors, options).await;
         let (read, from_new) = match step {
             Ok(r) => r,
             Err(e) => {
@@ -427,13 +440,17 @@ async fn reader(
 async fn read_step(
     ctx: &Ctx,
     conn: &mut MultiplexedConnection,
-    source: &mut Source,
-    next_claim: &mut Instant,
-    claim_cursor: &mut String,
-    next_stats: &mut Instant,
-    idle_drain: bool,
+    cursors: &mut Cursors,
+    options: RunOptions,
 ) -> Result<(Read, bool), ::redis::RedisError> {
     let s = &ctx.settings.stream;
+    let Cursors {
+        source,
+        next_claim,
+        claim_cursor,
+        next_stats,
+    } = cursors;
+    let idle_drain = options.drain && ctx.in_flight.load(Ordering::Relaxed) == 0;
     if Instant::now() >= *next_stats {
         *next_stats = Instant::now() + Duration::from_secs(5);
         let (pending, lag) = consume::group_state(conn, &ctx.group).await?;
@@ -481,7 +498,14 @@ async fn read_step(
             return Ok((read, false));
         }
     }
-    let mut read = consume::read(conn, &ctx.group, ">", s.read_count, Some(s.block)).await?;
+    // Draining, an empty stream is the signal to finish: a short block keeps that from costing
+    // a whole `block` at the end of every backfill.
+    let block = if options.drain {
+        s.block.min(DRAIN_BLOCK)
+    } else {
+        s.block
+    };
+    let mut read = consume::read(conn, &ctx.group, ">", s.read_count, Some(block)).await?;
     let wait = ctx.settings.batch.max_wait;
     if !read.entries.is_empty()
         && read.entries.len() < ctx.settings.batch.max_docs
