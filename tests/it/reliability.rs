@@ -222,9 +222,12 @@ fn stream_id(id: &str) -> (u64, u64) {
     (ms.parse().unwrap(), seq.parse().unwrap())
 }
 
+/// Stream entries as XRANGE returns them: (entry id, [(field, value)]).
+type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
+
 /// Every entry of the dead-letter stream as its fields (last value of a repeated name wins).
 fn dead_letters(conn: &mut ::redis::Connection, names: &Names) -> Vec<HashMap<String, Vec<u8>>> {
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = ::redis::cmd("XRANGE")
+    let entries: Entries = ::redis::cmd("XRANGE")
         .arg(names.dead())
         .arg("-")
         .arg("+")

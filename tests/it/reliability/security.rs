@@ -360,17 +360,10 @@ fn the_deployed_acl_user_runs_the_docs_example_a_dead_letter_and_a_claim() {
         )
         .query(&mut admin)
         .unwrap();
-    for i in 1..3 {
+    for (i, (content, genre)) in DOCS.iter().enumerate().skip(1) {
         xadd(
             &mut admin,
-            &[
-                "id",
-                &i.to_string(),
-                "content",
-                DOCS[i].0,
-                "genre",
-                DOCS[i].1,
-            ],
+            &["id", &i.to_string(), "content", content, "genre", genre],
         );
     }
     let poison = xadd(&mut admin, &["id", "7", "genre", "no content"]);
