@@ -323,8 +323,6 @@ struct Cursors {
     next_claim: Instant,
     /// Where the XAUTOCLAIM scan continues.
     claim_cursor: String,
-    /// When to refresh the lag and pending gauges.
-    next_stats: Instant,
 }
 
 /// Where the reader takes entries from next.
@@ -349,7 +347,6 @@ async fn reader(
         source: Source::OwnPending("0".into()),
         next_claim: Instant::now(),
         claim_cursor: "0-0".to_string(),
-        next_stats: Instant::now(),
     };
     let mut backoff = backoff(&ctx);
     // At most two reads in flight: one being embedded and written, one prefetched. Entries
@@ -448,14 +445,9 @@ async fn read_step(
         source,
         next_claim,
         claim_cursor,
-        next_stats,
     } = cursors;
     let idle_drain = options.drain && ctx.in_flight.load(Ordering::Relaxed) == 0;
-    if Instant::now() >= *next_stats {
-        *next_stats = Instant::now() + Duration::from_secs(5);
-        let (pending, lag) = consume::group_state(conn, &ctx.group).await?;
-        ctx.metrics.group_state(pending, lag.unwrap_or(0));
-    }
+    // The lag and pending gauges are kept current by observe::probe, once a second.
     if let Source::OwnPending(from) = source {
         let read = consume::read(conn, &ctx.group, from, s.read_count, None).await?;
         match read
