@@ -279,6 +279,12 @@ impl Settings {
         if self.stream.max_deliveries == 0 {
             return bad("stream.max_deliveries must be > 0".into());
         }
+        if !["disable", "basic", "extended", "all"].contains(&self.model.optimization.as_str()) {
+            return bad(format!(
+                "model.optimization must be disable, basic, extended or all, got {:?}",
+                self.model.optimization
+            ));
+        }
         if !["human", "json"].contains(&self.log.format.as_str()) {
             return bad(format!(
                 "log.format must be human or json, got {:?}",
@@ -438,5 +444,9 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("distance_metric"), "{err}");
+        let err = Settings::load_from(None, env(&[("EMBED_WORKER__MODEL__OPTIMIZATION", "max")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.optimization"), "{err}");
     }
 }

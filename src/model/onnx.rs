@@ -116,12 +116,9 @@ impl OnnxEmbedder {
         } else {
             options.intra_threads
         };
-        let level = optimization_level(&options.optimization).ok_or_else(|| {
-            file_err(format!(
-                "model.optimization {:?} is not one of disable, basic, extended, all",
-                options.optimization
-            ))
-        })?;
+        // Settings::validate has already refused any other name.
+        let level =
+            optimization_level(&options.optimization).unwrap_or(GraphOptimizationLevel::All);
         // One operator at a time (inter 1): this encoder is a chain, so parallel branches gain
         // nothing and a second pool would only compete for the same cores.
         let session = Session::builder(&env)
