@@ -273,44 +273,36 @@ mod tests {
 
     #[test]
     fn every_bad_kind_has_its_reason() {
-        assert_eq!(reason(entry(&[(b"id", b"1")])), DeadReason::MissingText);
-        assert_eq!(
-            reason(entry(&[(b"content", b"\xff\xfe")])),
-            DeadReason::InvalidUtf8
-        );
-        assert_eq!(
-            reason(entry(&[(b"content", b" \t\n")])),
-            DeadReason::EmptyText
-        );
-        assert_eq!(reason(entry(&[(b"content", b"")])), DeadReason::EmptyText);
-        assert_eq!(
-            reason(entry(&[(b"content", &[b'a'; 101])])),
-            DeadReason::TextTooLong
-        );
-        assert_eq!(
-            reason(entry(&[(b"content", b"x"), (b"id", b"")])),
-            DeadReason::InvalidId
-        );
-        assert_eq!(
-            reason(entry(&[(b"content", b"x"), (b"id", b"a*")])),
-            DeadReason::InvalidId
-        );
-        assert_eq!(
-            reason(entry(&[(b"content", b"x"), (b"id", b"a b")])),
-            DeadReason::InvalidId
-        );
-        assert_eq!(
-            reason(entry(&[(b"content", b"x"), (b"id", &[b'a'; 17])])),
-            DeadReason::InvalidId
-        );
-        assert_eq!(
-            reason(entry(&[(b"content", b"x"), (b"id", b"\xff")])),
-            DeadReason::InvalidId
-        );
-        assert_eq!(
-            reason(entry(&[(b"content", b"x"), (b"embedding", b"zz")])),
-            DeadReason::ReservedField
-        );
+        let long_text = [b'a'; 101];
+        let long_id = [b'a'; 17];
+        let cases: [(&[(&[u8], &[u8])], DeadReason); 11] = [
+            (&[(b"id", b"1")], DeadReason::MissingText),
+            (&[(b"content", b"\xff\xfe")], DeadReason::InvalidUtf8),
+            (&[(b"content", b" \t\n")], DeadReason::EmptyText),
+            (&[(b"content", b"")], DeadReason::EmptyText),
+            (&[(b"content", &long_text)], DeadReason::TextTooLong),
+            (&[(b"content", b"x"), (b"id", b"")], DeadReason::InvalidId),
+            (&[(b"content", b"x"), (b"id", b"a*")], DeadReason::InvalidId),
+            (
+                &[(b"content", b"x"), (b"id", b"a b")],
+                DeadReason::InvalidId,
+            ),
+            (
+                &[(b"content", b"x"), (b"id", &long_id)],
+                DeadReason::InvalidId,
+            ),
+            (
+                &[(b"content", b"x"), (b"id", b"\xff")],
+                DeadReason::InvalidId,
+            ),
+            (
+                &[(b"content", b"x"), (b"embedding", b"zz")],
+                DeadReason::ReservedField,
+            ),
+        ];
+        for (fields, want) in cases {
+            assert_eq!(reason(entry(fields)), want, "{fields:?}");
+        }
         let mut tired = entry(&[(b"content", b"x")]);
         tired.deliveries = 4;
         assert_eq!(reason(tired), DeadReason::MaxDeliveries);
