@@ -325,13 +325,15 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="a few hundred documents, seconds (CI)")
     p.add_argument("--short", type=int, default=2000, help="short sentences per run")
     p.add_argument("--long", type=int, default=300, help="long paragraphs per run")
+    p.add_argument("--mixed", type=int, default=2000,
+                   help="short texts of spread-out lengths per run (0 to skip); reported, no target")
     p.add_argument("--latency-seconds", type=float, default=10)
     p.add_argument("--models", nargs="*", default=["model.onnx", "model_int8.onnx"])
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="only the memory soak, this long")
     a = p.parse_args()
     if a.smoke:
-        a.short, a.long, a.latency_seconds = 200, 24, 2
+        a.short, a.long, a.mixed, a.latency_seconds = 200, 24, 0, 2
     if not BIN.is_file():
         sys.exit(f"{BIN} missing: run `make build`")
     model_dir = Path(os.environ["EMBED_WORKER_MODEL_DIR"])
@@ -351,7 +353,9 @@ def main() -> int:
             if not (model_dir / model_file).is_file():
                 print(f"skipping {model_file}: not built (make model-int8)")
                 continue
-            for kind, n in (("short", a.short), ("long", a.long)):
+            for kind, n in (("short", a.short), ("mixed", a.mixed), ("long", a.long)):
+                if n == 0:
+                    continue
                 texts = corpus.texts(kind, n, seed=11)
                 tokens = sum(len(e.ids) for e in tok.encode_batch(texts))
                 print(f"{model_file} {kind}: {n} docs, {tokens / n:.0f} tokens each ...", flush=True)

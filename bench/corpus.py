@@ -84,19 +84,38 @@ def paragraph(rng: random.Random, sentences: int = 9) -> str:
     return " ".join(sentence(rng, topic if rng.random() < 0.8 else None) for _ in range(sentences))
 
 
+def fragment(rng: random.Random) -> str:
+    """A title-like fragment, about 6 tokens."""
+    nouns, whos, verbs = TOPICS[rng.choice(sorted(TOPICS))]
+    return f"The {rng.choice(ADJ)} {rng.choice(nouns)} {rng.choice(verbs)}"
+
+
+def mixed(rng: random.Random) -> str:
+    """Short texts of spread-out lengths (about 6, 24 or 48 tokens; mean about 22), as real
+    streams of titles, sentences and short notes are; the "short" corpus is all 19-29 tokens."""
+    r = rng.random()
+    if r < 0.4:
+        return fragment(rng)
+    if r < 0.8:
+        return sentence(rng)
+    return sentence(rng) + " " + sentence(rng)
+
+
 def texts(kind: str, n: int, seed: int = 0) -> list[str]:
-    """`n` texts of `kind` ("short" or "long"), the same for the same seed."""
+    """`n` texts of `kind` ("short", "mixed" or "long"), the same for the same seed."""
     rng = random.Random(f"{kind}-{seed}")
     if kind == "short":
         return [sentence(rng) for _ in range(n)]
+    if kind == "mixed":
+        return [mixed(rng) for _ in range(n)]
     if kind == "long":
         return [paragraph(rng) for _ in range(n)]
-    raise ValueError(f"unknown corpus kind {kind!r} (short or long)")
+    raise ValueError(f"unknown corpus kind {kind!r} (short, mixed or long)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["short", "long"])
+    p.add_argument("kind", choices=["short", "mixed", "long"])
     p.add_argument("n", type=int)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
