@@ -275,7 +275,8 @@ mod tests {
     fn every_bad_kind_has_its_reason() {
         let long_text = [b'a'; 101];
         let long_id = [b'a'; 17];
-        let cases: [(&[(&[u8], &[u8])], DeadReason); 11] = [
+        type Fields<'a> = &'a [(&'a [u8], &'a [u8])];
+        let cases: [(Fields, DeadReason); 11] = [
             (&[(b"id", b"1")], DeadReason::MissingText),
             (&[(b"content", b"\xff\xfe")], DeadReason::InvalidUtf8),
             (&[(b"content", b" \t\n")], DeadReason::EmptyText),

@@ -333,3 +333,15 @@ pub fn assert_docs_search_lines(output: &str) {
         assert_eq!(content, format!("'{}'", DOCS[i].0));
     }
 }
+
+/// Worker processes, SIGKILLed on drop so a failing test leaves none behind.
+pub struct Fleet(pub Vec<Child>);
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

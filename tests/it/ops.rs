@@ -7,21 +7,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::common::*;
 
 /// Kills the worker if a test fails half-way.
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// GET `path` from 127.0.0.1:`port`: (status, body), or None if nothing answers.
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -352,18 +343,16 @@ fn metrics_logs_and_stats_account_for_every_entry() {
 
     let port = free_port();
     let logs = tempfile::NamedTempFile::new().unwrap();
-    let worker = Worker(
-        worker_cmd(&server, &names)
-            .args(["run"])
-            .env("EMBED_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-            .env("EMBED_WORKER__LOG__FORMAT", "json")
-            .env("EMBED_WORKER__STREAM__CONSUMER", "ops-worker")
-            // Every write waits 4 s, so the 7 entries sit pending long enough to be seen.
-            .env("EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE", "4s")
-            .stderr(logs.reopen().unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let worker = Fleet(vec![worker_cmd(&server, &names)
+        .args(["run"])
+        .env("EMBED_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("EMBED_WORKER__LOG__FORMAT", "json")
+        .env("EMBED_WORKER__STREAM__CONSUMER", "ops-worker")
+        // Every write waits 4 s, so the 7 entries sit pending long enough to be seen.
+        .env("EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE", "4s")
+        .stderr(logs.reopen().unwrap())
+        .spawn()
+        .unwrap()]);
 
     // While held: the gauges show all 7 delivered and pending, none lagging.
     let held = wait_for(Duration::from_secs(60), || {
@@ -548,14 +537,12 @@ fn readyz_follows_redis_away_and_back() {
     let names = Names::new("ready");
     let port = free_port();
     let logs = tempfile::NamedTempFile::new().unwrap();
-    let mut worker = Worker(
-        worker_cmd(&server, &names)
-            .arg("run")
-            .env("EMBED_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}"))
-            .stderr(logs.reopen().unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut worker = Fleet(vec![worker_cmd(&server, &names)
+        .arg("run")
+        .env("EMBED_WORKER__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .stderr(logs.reopen().unwrap())
+        .spawn()
+        .unwrap()]);
     wait_for(Duration::from_secs(60), || {
         (readyz(port) == Some(200)).then_some(())
     })
@@ -583,7 +570,10 @@ fn readyz_follows_redis_away_and_back() {
         (readyz(port) == Some(200)).then_some(())
     })
     .expect("not ready again 30 s after Redis came back");
-    assert!(worker.0.try_wait().unwrap().is_none(), "the worker exited");
+    assert!(
+        worker.0[0].try_wait().unwrap().is_none(),
+        "the worker exited"
+    );
 
     // Readiness covers more than the connection: an index dropped behind the worker's back.
     let mut conn = server.conn();

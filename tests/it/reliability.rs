@@ -151,18 +151,6 @@ fn spawn_worker(
         .unwrap()
 }
 
-/// Worker processes, SIGKILLed on drop so a failing test leaves none behind.
-struct Fleet(Vec<Child>);
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 pub(crate) fn sigterm(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

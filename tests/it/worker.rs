@@ -178,19 +178,19 @@ fn a_killed_worker_leaves_entries_pending_and_its_restart_finishes_them() {
     }
     // A worker that reads, then dies before writing: the test-only pause between read and
     // write holds it there, and SIGKILL ends it.
-    let mut child = worker_cmd(&server, &names)
+    let fleet = Fleet(vec![worker_cmd(&server, &names)
         .env("EMBED_WORKER__STREAM__CONSUMER", "pod-a")
         .env("EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE", "60s")
         .arg("run")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap()]);
     let read = wait_for(Duration::from_secs(30), || {
         (pending(&mut conn, &names) == 40).then_some(())
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(fleet); // SIGKILL
+
     assert!(read.is_some(), "the worker should have read all 40 entries");
     let written: u64 = ::redis::cmd("XLEN")
         .arg(&names.stream)
