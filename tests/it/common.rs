@@ -269,6 +269,14 @@ pub fn embed(texts: &[&str]) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// The largest element-wise difference of two vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
 pub fn squared_l2(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum()
 }

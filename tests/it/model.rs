@@ -31,11 +31,7 @@ fn vectors_are_unit_length_and_independent_of_batch_mates() {
         assert!((norm - 1.0).abs() < 1e-5, "{text:?} has norm {norm}");
         assert_eq!(batch[i].len(), 384, "dimension comes from the model");
         let alone = &embed(&[text])[0];
-        let diff = alone
-            .iter()
-            .zip(&batch[i])
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let diff = max_abs_diff(alone, &batch[i]);
         assert!(
             diff < 1e-5,
             "{text:?}: alone vs padded batch differ by {diff}"
@@ -68,11 +64,7 @@ fn edge_inputs_embed_without_panic() {
     // Truncated, not an error: the 20,000-word text equals its first 254 words' embedding.
     let prefix = "word ".repeat(254);
     let truncated = &embed(&[prefix.as_str()])[0];
-    let diff = truncated
-        .iter()
-        .zip(&v[2])
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let diff = max_abs_diff(truncated, &v[2]);
     assert!(
         diff < 1e-5,
         "long text is not truncated at 256 tokens: differs by {diff}"
