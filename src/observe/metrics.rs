@@ -193,6 +193,15 @@ impl Metrics {
     }
 
     /// Total seconds spent in `stage` so far.
+    /// (model calls, padded tokens fed to the model) so far.
+    pub fn batch_totals(&self) -> (u64, u64) {
+        let h = &self.batch_padded_tokens;
+        (
+            h.count.load(Ordering::Relaxed),
+            h.sum_micros.load(Ordering::Relaxed) / 1_000_000,
+        )
+    }
+
     pub fn stage_seconds(&self, stage: Stage) -> f64 {
         self.stage_histogram(stage)
             .sum_micros

@@ -199,6 +199,7 @@ pub async fn run(
     };
     // Model busy time against wall time: how well the other stages keep the model fed.
     let wall = started.elapsed().as_secs_f64();
+    let (batches, padded_tokens) = ctx.metrics.batch_totals();
     tracing::info!(
         acked = summary.acked,
         dead_lettered = summary.dead_lettered,
@@ -206,6 +207,8 @@ pub async fn run(
         model_busy_s = format!("{:.2}", ctx.metrics.stage_seconds(Stage::Model)),
         tokenize_s = format!("{:.2}", ctx.metrics.stage_seconds(Stage::Tokenize)),
         write_s = format!("{:.2}", ctx.metrics.stage_seconds(Stage::Write)),
+        batches,
+        padded_tokens,
         "worker stopped"
     );
     Ok(summary)
