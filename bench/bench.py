@@ -1,7 +1,8 @@
 """`make bench`: throughput, latency and memory of embed-worker against the embedded Redis.
 
-For each model file (fp32 model.onnx, and int8 model_int8.onnx when present) and each corpus
-(short sentences ~25 tokens, long paragraphs ~200 tokens, from bench/corpus.py), in one run:
+For each model file (fp32 model.onnx, and int8 model_int8.onnx when present) and each corpus of
+bench/corpus.py (short: real sentences, mean ~24 tokens; uniform: templated sentences all 19-29
+tokens, where there is no padding to save; long: paragraphs ~200 tokens), in one run:
 
 * ceiling: `embed-worker bench-model` (length-sorted batches as the worker cuts them, no Redis,
   model load and a warm-up batch excluded);
@@ -100,7 +101,8 @@ def worker_env(rd: Redis, case: Case, model_file: str, threads: int) -> dict:
         "EMBED_WORKER__STREAM__GROUP": case.group, "EMBED_WORKER__STREAM__CONSUMER": "bench",
         "EMBED_WORKER__INDEX__NAME": case.index, "EMBED_WORKER__INDEX__PREFIX": case.prefix,
         "EMBED_WORKER__MODEL__FILE": model_file, "EMBED_WORKER__MODEL__INTRA_THREADS": str(threads),
-        "EMBED_WORKER__HTTP__LISTEN": "", "EMBED_WORKER__LOG__LEVEL": "warn",
+        "EMBED_WORKER__HTTP__LISTEN": "", "EMBED_WORKER__LOG__LEVEL": "warn,embed_worker::pipeline::worker=info",
+        "EMBED_WORKER__LOG__FORMAT": "json",
     })
     return env
 
@@ -136,10 +138,26 @@ def group_state(r: redis.Redis, case: Case) -> tuple[int, int, int] | None:
     return None
 
 
+def exit_summary(log: str) -> dict:
+    """The fields of embed-worker's JSON "worker stopped" line (model busy seconds, padded
+    tokens, ...), or {} for a process that logs no such line (the Python baseline)."""
+    for line in reversed(log.splitlines()):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        fields = rec.get("fields", rec)
+        if fields.get("message") == "worker stopped":
+            return {k: v for k, v in fields.items() if k not in ("message", "timestamp", "level", "target")}
+    return {}
+
+
 def timed_drain(rd: Redis, case: Case, n: int, cmd: list[str], env: dict) -> dict:
-    """Runs `cmd` until it exits; returns docs/s over first-read..last-ack and peak RSS (MB)."""
+    """Runs `cmd` until it exits; returns docs/s over first-read..last-ack, peak RSS (MB) and
+    the worker's own exit summary."""
     poller = redis.Redis(port=rd.port)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty process never blocks on it
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     first = last = None
     while True:
         s = group_state(poller, case)
@@ -153,10 +171,13 @@ def timed_drain(rd: Redis, case: Case, n: int, cmd: list[str], env: dict) -> dic
             break
         time.sleep(0.01)
     _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read()
+    log.seek(0)
+    err = log.read()
+    log.close()
     if last is None or first is None:
         raise RuntimeError(f"{cmd[0]} exited (status {status}) before draining the stream: {err[-2000:]}")
-    return {"docs_per_s": n / max(last - first, 1e-9), "seconds": last - first, "peak_rss_mb": usage.ru_maxrss / 1024}
+    return {"docs_per_s": n / max(last - first, 1e-9), "seconds": last - first, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "exit": exit_summary(err)}
 
 
 def ceiling(texts: list[str], env: dict) -> dict:
@@ -225,24 +246,43 @@ def index_exists(r: redis.Redis, case: Case) -> bool:
         return False
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median docs/s (the lower middle one for an even count), with the peak
+    RSS of all runs and every run's docs/s beside it."""
+    ordered = sorted(runs, key=lambda r: r["docs_per_s"])
+    pick = dict(ordered[(len(ordered) - 1) // 2])
+    if "peak_rss_mb" in pick:
+        pick["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    pick["runs_docs_per_s"] = [round(r["docs_per_s"], 1) for r in runs]
+    return pick
+
+
 def run_case(rd: Redis, kind: str, texts: list[str], tokens: int, model_file: str, threads: int,
-             lat_seconds: float) -> dict:
+             lat_seconds: float, rounds: int) -> dict:
+    """Ceiling, worker and Python baseline, `rounds` times interleaved (so a noisy minute on the
+    shared machine hits all three alike); each reported figure is the median round."""
     model_dir = Path(os.environ["EMBED_WORKER_MODEL_DIR"])
-    res: dict = {"corpus": kind, "model": model_file, "docs": len(texts), "tokens": tokens, "threads": threads}
-    res["ceiling"] = ceiling(texts, worker_env(rd, Case("ceil"), model_file, threads))
+    res: dict = {"corpus": kind, "model": model_file, "docs": len(texts), "tokens": tokens, "threads": threads,
+                 "rounds": rounds}
+    runs: dict[str, list[dict]] = {"ceiling": [], "worker": [], "python": []}
+    for _ in range(rounds):
+        runs["ceiling"].append(ceiling(texts, worker_env(rd, Case("ceil"), model_file, threads)))
 
-    case = Case("w")
-    load(rd, case, texts)
-    res["worker"] = timed_drain(rd, case, len(texts), [str(BIN), "run", "--drain"],
-                                worker_env(rd, case, model_file, threads))
+        case = Case("w")
+        load(rd, case, texts)
+        runs["worker"].append(timed_drain(rd, case, len(texts), [str(BIN), "run", "--drain"],
+                                          worker_env(rd, case, model_file, threads)))
 
-    case = Case("py")
-    create_index(rd, case)
-    load(rd, case, texts)
-    res["python"] = timed_drain(rd, case, len(texts), [
-        sys.executable, str(ROOT / "bench/baseline_worker.py"), "--redis-url", rd.url, "--stream", case.stream,
-        "--group", case.group, "--prefix", case.prefix, "--model", str(model_dir / model_file),
-        "--tokenizer", str(model_dir / "tokenizer.json"), "--threads", str(threads)], dict(os.environ))
+        case = Case("py")
+        create_index(rd, case)
+        load(rd, case, texts)
+        runs["python"].append(timed_drain(rd, case, len(texts), [
+            sys.executable, str(ROOT / "bench/baseline_worker.py"), "--redis-url", rd.url, "--stream", case.stream,
+            "--group", case.group, "--prefix", case.prefix, "--model", str(model_dir / model_file),
+            "--tokenizer", str(model_dir / "tokenizer.json"), "--threads", str(threads)], dict(os.environ)))
+        rd.client.flushall()  # each round indexes into an empty Redis, as the first did
+    for k, v in runs.items():
+        res[k] = median_run(v)
     for k in ("worker", "python"):
         res[k]["tokens_per_s"] = res[k]["docs_per_s"] * tokens / len(texts)
     if lat_seconds > 0:
@@ -283,12 +323,19 @@ def soak(rd: Redis, seconds: float, threads: int) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    rows = [("model", "corpus", "ceiling/s", "worker/s", "tok/s", "w/ceil", "python/s", "w/py", "p50ms", "p99ms", "RSS MB", "py RSS")]
+    """One row per case. pad = padded tokens the worker fed the model / real tokens; busy = the
+    worker's model-busy seconds / its wall seconds (both from its exit log)."""
+    rows = [("model", "corpus", "ceiling/s", "worker/s", "tok/s", "w/ceil", "python/s", "w/py", "pad", "busy",
+             "p50ms", "p99ms", "RSS MB", "py RSS")]
     for r in results:
         lat = r.get("latency", {})
+        ex = r["worker"].get("exit", {})
+        pad = int(ex.get("padded_tokens", 0)) / r["tokens"] if ex else float("nan")
+        busy = float(ex.get("model_busy_s", "nan")) / float(ex.get("wall_s", "nan")) if ex else float("nan")
         rows.append((r["model"], r["corpus"], f"{r['ceiling']['docs_per_s']:.0f}", f"{r['worker']['docs_per_s']:.0f}",
                      f"{r['worker']['tokens_per_s']:.0f}", f"{r['worker']['docs_per_s'] / r['ceiling']['docs_per_s']:.2f}",
                      f"{r['python']['docs_per_s']:.0f}", f"{r['worker']['docs_per_s'] / r['python']['docs_per_s']:.2f}",
+                     f"{pad:.2f}", f"{busy:.2f}",
                      f"{lat.get('p50_ms', float('nan')):.0f}", f"{lat.get('p99_ms', float('nan')):.0f}",
                      f"{r['worker']['peak_rss_mb']:.0f}", f"{r['python']['peak_rss_mb']:.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -325,15 +372,16 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="a few hundred documents, seconds (CI)")
     p.add_argument("--short", type=int, default=2000, help="short sentences per run")
     p.add_argument("--long", type=int, default=300, help="long paragraphs per run")
-    p.add_argument("--mixed", type=int, default=2000,
-                   help="short texts of spread-out lengths per run (0 to skip); reported, no target")
+    p.add_argument("--uniform", type=int, default=1500,
+                   help="templated sentences of near-equal length per run (0 to skip); reported, no target")
     p.add_argument("--latency-seconds", type=float, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions per case; medians are reported")
     p.add_argument("--models", nargs="*", default=["model.onnx", "model_int8.onnx"])
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="only the memory soak, this long")
     a = p.parse_args()
     if a.smoke:
-        a.short, a.long, a.mixed, a.latency_seconds = 200, 24, 0, 2
+        a.short, a.long, a.uniform, a.latency_seconds, a.rounds = 200, 24, 0, 2, 1
     if not BIN.is_file():
         sys.exit(f"{BIN} missing: run `make build`")
     model_dir = Path(os.environ["EMBED_WORKER_MODEL_DIR"])
@@ -353,14 +401,14 @@ def main() -> int:
             if not (model_dir / model_file).is_file():
                 print(f"skipping {model_file}: not built (make model-int8)")
                 continue
-            for kind, n in (("short", a.short), ("mixed", a.mixed), ("long", a.long)):
+            for kind, n in (("short", a.short), ("uniform", a.uniform), ("long", a.long)):
                 if n == 0:
                     continue
                 texts = corpus.texts(kind, n, seed=11)
                 tokens = sum(len(e.ids) for e in tok.encode_batch(texts))
                 print(f"{model_file} {kind}: {n} docs, {tokens / n:.0f} tokens each ...", flush=True)
                 results.append(run_case(rd, kind, texts, tokens, model_file, a.threads,
-                                        a.latency_seconds if kind == "short" or not a.smoke else 0))
+                                        a.latency_seconds if kind == "short" or not a.smoke else 0, a.rounds))
     finally:
         rd.close()
     print()

@@ -1,10 +1,16 @@
 """Deterministic benchmark and calibration corpora (no downloads).
 
-Sentences are built from topic word lists and templates with a seeded RNG, so every run of
-`make bench` and `make model-int8` sees the same texts:
+* short: real English sentences, ~3,900 of them, from the documentation that ships inside every
+  CPython (pydoc_data.topics, the language reference's prose, and the docstrings of a fixed list
+  of stdlib modules): mean ~24 tokens (all-MiniLM-L6-v2's WordPiece, with [CLS]/[SEP]), median
+  20, spread 10-51 (5th-95th percentile), as real sentences are. The same for the same Python
+  version and seed.
+* uniform: one templated sentence, every one 19-29 tokens: the case where length-aware
+  batching has no padding to remove.
+* long: a templated paragraph of sentences on one topic, about 200 tokens.
 
-* short: one sentence, about 25 tokens (all-MiniLM-L6-v2's WordPiece, with [CLS]/[SEP]);
-* long: a paragraph of sentences on one topic, about 200 tokens.
+Templated texts come from topic word lists with a seeded RNG, so every run of `make bench`
+and `make model-int8` sees the same texts.
 
     python bench/corpus.py short 5 --seed 1     # print 5 short texts
 """
@@ -12,7 +18,11 @@ Sentences are built from topic word lists and templates with a seeded RNG, so ev
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
+import inspect
 import random
+import re
 
 TOPICS = {
     "weather": (
@@ -84,38 +94,65 @@ def paragraph(rng: random.Random, sentences: int = 9) -> str:
     return " ".join(sentence(rng, topic if rng.random() < 0.8 else None) for _ in range(sentences))
 
 
-def fragment(rng: random.Random) -> str:
-    """A title-like fragment, about 6 tokens."""
-    nouns, whos, verbs = TOPICS[rng.choice(sorted(TOPICS))]
-    return f"The {rng.choice(ADJ)} {rng.choice(nouns)} {rng.choice(verbs)}"
+# Stdlib modules whose docstrings add to pydoc_data's sentences (a fixed list: same order, same texts).
+DOC_MODULES = ["argparse", "asyncio", "collections", "concurrent.futures", "configparser", "contextlib", "csv",
+               "dataclasses", "datetime", "decimal", "difflib", "email.message", "enum", "fractions", "functools",
+               "http.client", "inspect", "io", "ipaddress", "itertools", "json", "logging", "pathlib", "pickle",
+               "random", "shutil", "socket", "statistics", "string", "subprocess", "tarfile", "tempfile",
+               "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid", "zipfile"]
 
 
-def mixed(rng: random.Random) -> str:
-    """Short texts of spread-out lengths (about 6, 24 or 48 tokens; mean about 22), as real
-    streams of titles, sentences and short notes are; the "short" corpus is all 19-29 tokens."""
-    r = rng.random()
-    if r < 0.4:
-        return fragment(rng)
-    if r < 0.8:
-        return sentence(rng)
-    return sentence(rng) + " " + sentence(rng)
+def _documentation():
+    import pydoc_data.topics
+    for key in sorted(pydoc_data.topics.topics):
+        yield pydoc_data.topics.topics[key]
+    for name in DOC_MODULES:
+        module = importlib.import_module(name)
+        yield inspect.getdoc(module) or ""
+        for attr in sorted(vars(module)):
+            obj = vars(module)[attr]
+            if attr.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            yield inspect.getdoc(obj) or ""
+            if inspect.isclass(obj):
+                yield from (inspect.getdoc(v) or "" for k, v in sorted(vars(obj).items()) if not k.startswith("_"))
+
+
+@functools.cache
+def real_sentences() -> tuple[str, ...]:
+    """Prose sentences of the CPython documentation, deduplicated, in a fixed order. Code
+    examples, tables and lines with markup-heavy characters are left out."""
+    seen: dict[str, None] = {}
+    for text in _documentation():
+        for para in re.split(r"\n\s*\n", text):
+            if para.startswith(" ") or para.lstrip().startswith((">>>", "|", "+-", "==", "-")):
+                continue
+            for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", " ".join(para.split())):
+                if len(s.split()) >= 4 and s[-1] in ".!?" and not re.search(r"[{}=<>\[\]]|::|\\\\|>>>", s):
+                    seen.setdefault(s)
+    return tuple(seen)
 
 
 def texts(kind: str, n: int, seed: int = 0) -> list[str]:
-    """`n` texts of `kind` ("short", "mixed" or "long"), the same for the same seed."""
+    """`n` texts of `kind` ("short", "uniform" or "long"), the same for the same seed. "short"
+    draws without repetition until its ~3,900 sentences are used up, then starts a new shuffle."""
     rng = random.Random(f"{kind}-{seed}")
     if kind == "short":
+        pool, out = list(real_sentences()), []
+        while len(out) < n:
+            rng.shuffle(pool)
+            out += pool[: n - len(out)]
+        return out
+    if kind == "uniform":
         return [sentence(rng) for _ in range(n)]
-    if kind == "mixed":
-        return [mixed(rng) for _ in range(n)]
     if kind == "long":
         return [paragraph(rng) for _ in range(n)]
-    raise ValueError(f"unknown corpus kind {kind!r} (short, mixed or long)")
+    raise ValueError(f"unknown corpus kind {kind!r} (short, uniform or long)")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["short", "mixed", "long"])
+    p.add_argument("kind", choices=["short", "uniform", "long"])
     p.add_argument("n", type=int)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
