@@ -58,7 +58,7 @@ run: model build redis ## the worker on the embedded Redis, in the foreground
 demo: model build redis ## the Redis docs' example end to end through the stream
 	$(ENV) scripts/demo.sh
 
-test: model $(NODE_MODULES) ## every test: Rust unit + integration (real Redis, real model), Python checks
+test: model model-int8 $(NODE_MODULES) ## every test: Rust unit + integration (real Redis, real fp32 and int8 models), Python checks
 	$(ENV) cargo test --locked -- --test-threads=4
 	# The benchmark in miniature, fp32 only, on the debug binary: keeps `make bench` working.
 	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/bench.py --smoke --models model.onnx

@@ -261,7 +261,17 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 
 /// Embeds texts with the real binary: one vector per text.
 pub fn embed(texts: &[&str]) -> Vec<Vec<f32>> {
-    let out = run_ok(bin().arg("embed").args(texts));
+    embed_with("model.onnx", texts)
+}
+
+/// `embed-worker embed` with `model.file` = `file` (inside the model dir).
+pub fn embed_with(file: &str, texts: &[&str]) -> Vec<Vec<f32>> {
+    let out = run_ok(
+        bin()
+            .env("EMBED_WORKER__MODEL__FILE", file)
+            .arg("embed")
+            .args(texts),
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()

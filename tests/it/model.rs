@@ -39,6 +39,43 @@ fn vectors_are_unit_length_and_independent_of_batch_mates() {
     }
 }
 
+/// `make model-int8`'s file, which `make test` builds (its own quality gate runs there).
+#[test]
+fn the_int8_model_keeps_the_docs_answer_and_is_independent_of_batch_mates() {
+    let file = "model_int8.onnx";
+    assert!(
+        model_dir().join(file).is_file(),
+        "{file} missing: run `make model-int8`"
+    );
+    let mut texts: Vec<&str> = DOCS.iter().map(|(t, _)| *t).collect();
+    texts.push(QUERY);
+    let fp32 = embed(&texts);
+    let int8 = embed_with(file, &texts);
+    let mut last = 0.0;
+    for (i, expected) in EXPECTED.iter().enumerate() {
+        let d = squared_l2(&int8[i], &int8[3]);
+        // Quantisation moves these distances by up to 1.4e-2 (measured), never the ranking.
+        assert!(
+            (d - expected).abs() < 3e-2,
+            "doc {i}: int8 distance {d}, docs page says {expected}"
+        );
+        assert!(d > last, "doc {i}: int8 changed the docs' ranking");
+        last = d;
+        let cos: f32 = int8[i].iter().zip(&fp32[i]).map(|(a, b)| a * b).sum();
+        assert!(cos > 0.995, "doc {i}: cosine to fp32 {cos}");
+    }
+    let long = "A considerably longer sentence that forces everyone else in the batch to carry padding tokens along with it, again and again.";
+    let batch = embed_with(file, &[long, DOCS[1].0, "short", QUERY]);
+    for (i, text) in [long, DOCS[1].0, "short", QUERY].iter().enumerate() {
+        let alone = &embed_with(file, &[text])[0];
+        let diff = max_abs_diff(alone, &batch[i]);
+        assert!(
+            diff < 1e-3,
+            "{text:?}: int8 alone vs in a batch differ by {diff}"
+        );
+    }
+}
+
 #[test]
 fn edge_inputs_embed_without_panic() {
     let long = "word ".repeat(20_000);
