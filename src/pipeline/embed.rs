@@ -70,6 +70,22 @@ pub fn batches(t: Tokenized, limits: BatchLimits) -> Vec<Tokenized> {
         .collect()
 }
 
+/// Plans several batches again as one window (a single batch is returned as it is).
+pub fn replan(mut queued: Vec<Tokenized>, limits: BatchLimits) -> Vec<Tokenized> {
+    if queued.len() < 2 {
+        return queued;
+    }
+    let mut all = Tokenized {
+        docs: Vec::new(),
+        encoded: Vec::new(),
+    };
+    for t in queued.drain(..) {
+        all.docs.extend(t.docs);
+        all.encoded.extend(t.encoded);
+    }
+    batches(all, limits)
+}
+
 /// Embeds one batch. Returns the embedded documents and the ones the model failed on alone.
 /// A fatal model error (the thread is gone) is returned as an error: the worker stops.
 pub async fn embed_batch(
@@ -125,4 +141,58 @@ pub async fn embed_batch(
         }
     }
     Ok((done, dead))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::entry::RawEntry;
+
+    fn tokenized(lengths: &[usize], first_id: usize) -> Tokenized {
+        let docs = (0..lengths.len())
+            .map(|i| Doc {
+                entry: RawEntry {
+                    id: format!("{}-0", first_id + i),
+                    fields: Vec::new(),
+                    deliveries: 1,
+                },
+                key: format!("doc:{}", first_id + i),
+                text: "x".into(),
+                id_field: b"id".to_vec(),
+            })
+            .collect();
+        let encoded = lengths
+            .iter()
+            .map(|&n| Encoded {
+                ids: vec![1; n],
+                type_ids: vec![0; n],
+            })
+            .collect();
+        Tokenized { docs, encoded }
+    }
+
+    #[test]
+    fn queued_small_batches_become_one_call_and_lose_nothing() {
+        let limits = BatchLimits {
+            max_docs: 32,
+            max_tokens: 2048,
+        };
+        let queued = vec![
+            tokenized(&[20, 22], 0),
+            tokenized(&[21], 2),
+            tokenized(&[19, 25], 3),
+        ];
+        let out = replan(queued, limits);
+        assert_eq!(out.len(), 1, "five short texts fit one call");
+        let mut keys: Vec<&str> = out[0].docs.iter().map(|d| d.key.as_str()).collect();
+        keys.sort();
+        assert_eq!(keys, ["doc:0", "doc:1", "doc:2", "doc:3", "doc:4"]);
+        // Each document keeps its own token ids.
+        for (d, e) in out[0].docs.iter().zip(&out[0].encoded) {
+            let want = [20, 22, 21, 19, 25][d.key[4..].parse::<usize>().unwrap()];
+            assert_eq!(e.len(), want, "{}", d.key);
+        }
+        // One batch passes through as it is.
+        assert_eq!(replan(vec![tokenized(&[300], 9)], limits).len(), 1);
+    }
 }

@@ -584,18 +584,31 @@ async fn embedder(
     mut batches: mpsc::Receiver<Tokenized>,
     writes: mpsc::Sender<WriteJob>,
 ) -> Result<(), WorkerError> {
-    while let Some(batch) = batches.recv().await {
-        let (embedded, dead) = embed::embed_batch(&model.handle, batch, &ctx.metrics).await?;
-        if writes
-            .send(WriteJob {
-                embedded,
-                dead,
-                deleted: Vec::new(),
-            })
-            .await
-            .is_err()
-        {
-            break;
+    let limits = BatchLimits {
+        max_docs: ctx.settings.batch.max_docs,
+        max_tokens: ctx.settings.batch.max_tokens,
+    };
+    while let Some(first) = batches.recv().await {
+        // Batches that queued up while the model was busy are planned again together: under a
+        // steady trickle they come from small reads, and one fuller call instead of several
+        // small ones is what lets the queue drain (each call has a fixed cost).
+        let mut queued = vec![first];
+        while let Ok(more) = batches.try_recv() {
+            queued.push(more);
+        }
+        for batch in embed::replan(queued, limits) {
+            let (embedded, dead) = embed::embed_batch(&model.handle, batch, &ctx.metrics).await?;
+            if writes
+                .send(WriteJob {
+                    embedded,
+                    dead,
+                    deleted: Vec::new(),
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
         }
     }
     Ok(())
