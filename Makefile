@@ -38,7 +38,7 @@ $(MODEL): $(STAMP) onnx/export.py
 
 model: $(MODEL) ## build and verify the ONNX export (no PyTorch)
 
-$(MODEL_INT8): $(MODEL) onnx/quantize.py
+$(MODEL_INT8): $(MODEL) onnx/quantize.py bench/corpus.py
 	$(VENV)/bin/python onnx/quantize.py --model-dir $(MODEL_DIR)
 
 model-int8: $(MODEL_INT8) ## int8-quantised model beside the fp32 one
