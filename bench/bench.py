@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -287,8 +288,7 @@ def run_case(rd: Redis, kind: str, texts: list[str], tokens: int, model_file: st
     # minute on the shared machine moves both sides of a ratio; the median round is reported.
     per_round = lambda a, b: sorted(x["docs_per_s"] / y["docs_per_s"] for x, y in zip(runs[a], runs[b]))  # noqa: E731
     res["ratios"] = {"worker_vs_ceiling": per_round("worker", "ceiling"), "worker_vs_python": per_round("worker", "python")}
-    res["ratio"] = {k: v[(len(v) - 1) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
-                    for k, v in res["ratios"].items()}
+    res["ratio"] = {k: statistics.median(v) for k, v in res["ratios"].items()}
     for k in ("worker", "python"):
         res[k]["tokens_per_s"] = res[k]["docs_per_s"] * tokens / len(texts)
     if lat_seconds > 0:
