@@ -17,24 +17,38 @@ fn docs_scenario_distances_match_the_redis_docs_page() {
     }
 }
 
+/// Pads every shorter text it shares a batch with.
+const LONG_SENTENCE: &str = "A considerably longer sentence that forces everyone else in the batch to carry padding tokens along with it, again and again.";
+
+/// `texts` embedded in one batch (with `file`), and for each text the largest element-wise
+/// difference between that and the text embedded alone.
+fn alone_vs_batch(file: &str, texts: &[&str]) -> (Vec<Vec<f32>>, Vec<f32>) {
+    let batch = embed_with(file, texts);
+    let diffs = texts
+        .iter()
+        .zip(&batch)
+        .map(|(text, v)| max_abs_diff(&embed_with(file, &[text])[0], v))
+        .collect();
+    (batch, diffs)
+}
+
 #[test]
 fn vectors_are_unit_length_and_independent_of_batch_mates() {
     let mixed = [
         "short",
         "That is a happy dog",
-        "A considerably longer sentence that forces everyone else in the batch to carry padding tokens along with it, again and again.",
+        LONG_SENTENCE,
         "Today is a sunny day",
     ];
-    let batch = embed(&mixed);
+    let (batch, diffs) = alone_vs_batch("model.onnx", &mixed);
     for (i, text) in mixed.iter().enumerate() {
         let norm: f32 = batch[i].iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-5, "{text:?} has norm {norm}");
         assert_eq!(batch[i].len(), 384, "dimension comes from the model");
-        let alone = &embed(&[text])[0];
-        let diff = max_abs_diff(alone, &batch[i]);
         assert!(
-            diff < 1e-5,
-            "{text:?}: alone vs padded batch differ by {diff}"
+            diffs[i] < 1e-5,
+            "{text:?}: alone vs padded batch differ by {}",
+            diffs[i]
         );
     }
 }
@@ -64,11 +78,9 @@ fn the_int8_model_keeps_the_docs_answer_and_is_independent_of_batch_mates() {
         let cos: f32 = int8[i].iter().zip(&fp32[i]).map(|(a, b)| a * b).sum();
         assert!(cos > 0.995, "doc {i}: cosine to fp32 {cos}");
     }
-    let long = "A considerably longer sentence that forces everyone else in the batch to carry padding tokens along with it, again and again.";
-    let batch = embed_with(file, &[long, DOCS[1].0, "short", QUERY]);
-    for (i, text) in [long, DOCS[1].0, "short", QUERY].iter().enumerate() {
-        let alone = &embed_with(file, &[text])[0];
-        let diff = max_abs_diff(alone, &batch[i]);
+    let probe = [LONG_SENTENCE, DOCS[1].0, "short", QUERY];
+    let (_, diffs) = alone_vs_batch(file, &probe);
+    for (text, diff) in probe.iter().zip(diffs) {
         assert!(
             diff < 1e-3,
             "{text:?}: int8 alone vs in a batch differ by {diff}"
