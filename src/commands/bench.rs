@@ -40,10 +40,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
         .collect::<Result<Vec<Encoded>, _>>()?;
     let tokenize_s = started.elapsed().as_secs_f64();
 
-    let limits = BatchLimits {
-        max_docs: settings.batch.max_docs,
-        max_tokens: settings.batch.max_tokens,
-    };
+    let limits = BatchLimits::from_settings(&settings.batch);
     let lengths: Vec<usize> = encoded.iter().map(Encoded::len).collect();
     let batches: Vec<Vec<usize>> = if args.unsorted {
         let all: Vec<usize> = (0..lengths.len()).collect();

@@ -192,7 +192,6 @@ impl Metrics {
             .expect("metrics lock is never held across a panic") = (name.to_string(), dimension);
     }
 
-    /// Total seconds spent in `stage` so far.
     /// (model calls, padded tokens fed to the model) so far.
     pub fn batch_totals(&self) -> (u64, u64) {
         let h = &self.batch_padded_tokens;
@@ -202,6 +201,7 @@ impl Metrics {
         )
     }
 
+    /// Total seconds spent in `stage` so far.
     pub fn stage_seconds(&self, stage: Stage) -> f64 {
         self.stage_histogram(stage)
             .sum_micros

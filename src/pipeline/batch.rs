@@ -9,6 +9,15 @@ pub struct BatchLimits {
     pub max_tokens: usize,
 }
 
+impl BatchLimits {
+    pub fn from_settings(batch: &crate::settings::BatchSettings) -> Self {
+        Self {
+            max_docs: batch.max_docs,
+            max_tokens: batch.max_tokens,
+        }
+    }
+}
+
 /// What one model call costs beyond its padded tokens, in tokens of work. Measured with
 /// `bench-model` on 24-token sentences (2 CPUs, fp32): a call of one document takes ~6 ms where
 /// its 24 tokens account for ~3.3 ms inside a batch of 32, i.e. 20-40 tokens of overhead.

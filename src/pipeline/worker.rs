@@ -551,10 +551,7 @@ async fn prepare(
     batches: mpsc::Sender<Tokenized>,
     writes: mpsc::Sender<WriteJob>,
 ) -> Result<(), WorkerError> {
-    let limits = BatchLimits {
-        max_docs: ctx.settings.batch.max_docs,
-        max_tokens: ctx.settings.batch.max_tokens,
-    };
+    let limits = BatchLimits::from_settings(&ctx.settings.batch);
     while let Some(window) = windows.recv().await {
         let (tokenized, dead) =
             embed::tokenize(model.tokenizer.clone(), window.docs, ctx.metrics.clone()).await;
@@ -584,10 +581,7 @@ async fn embedder(
     mut batches: mpsc::Receiver<Tokenized>,
     writes: mpsc::Sender<WriteJob>,
 ) -> Result<(), WorkerError> {
-    let limits = BatchLimits {
-        max_docs: ctx.settings.batch.max_docs,
-        max_tokens: ctx.settings.batch.max_tokens,
-    };
+    let limits = BatchLimits::from_settings(&ctx.settings.batch);
     while let Some(first) = batches.recv().await {
         // Batches that queued up while the model was busy are planned again together: under a
         // steady trickle they come from small reads, and one fuller call instead of several
