@@ -144,12 +144,11 @@ def exit_summary(log: str) -> dict:
     tokens, ...), or {} for a process that logs no such line (the Python baseline)."""
     for line in reversed(log.splitlines()):
         try:
-            rec = json.loads(line)
+            rec = json.loads(line)  # the worker logs flattened JSON events (log.format = "json")
         except ValueError:
             continue
-        fields = rec.get("fields", rec)
-        if fields.get("message") == "worker stopped":
-            return {k: v for k, v in fields.items() if k not in ("message", "timestamp", "level", "target")}
+        if rec.get("message") == "worker stopped":
+            return {k: v for k, v in rec.items() if k not in ("message", "timestamp", "level", "target")}
     return {}
 
 

@@ -71,7 +71,7 @@ pub fn batches(t: Tokenized, limits: BatchLimits) -> Vec<Tokenized> {
 }
 
 /// Plans several batches again as one window (a single batch is returned as it is).
-pub fn replan(mut queued: Vec<Tokenized>, limits: BatchLimits) -> Vec<Tokenized> {
+pub fn replan(queued: Vec<Tokenized>, limits: BatchLimits) -> Vec<Tokenized> {
     if queued.len() < 2 {
         return queued;
     }
@@ -79,7 +79,7 @@ pub fn replan(mut queued: Vec<Tokenized>, limits: BatchLimits) -> Vec<Tokenized>
         docs: Vec::new(),
         encoded: Vec::new(),
     };
-    for t in queued.drain(..) {
+    for t in queued {
         all.docs.extend(t.docs);
         all.encoded.extend(t.encoded);
     }
