@@ -1,8 +1,9 @@
 """`make bench`: throughput, latency and memory of embed-worker against the embedded Redis.
 
 For each model file (fp32 model.onnx, and int8 model_int8.onnx when present) and each corpus of
-bench/corpus.py (short: real sentences, mean ~24 tokens; uniform: templated sentences all 19-29
-tokens, where there is no padding to save; long: paragraphs ~200 tokens), in one run:
+bench/corpus.py (short: real sentences, mean ~24 tokens; long: real documentation passages of
+at most 1,000 characters, mean ~186 tokens; uniform and long-uniform: templated sentences of
+19-29 tokens and paragraphs of 183-209, where there is almost no padding to save), in one run:
 
 * ceiling: `embed-worker bench-model` (length-sorted batches as the worker cuts them, no Redis,
   model load and a warm-up batch excluded);
@@ -367,6 +368,11 @@ def targets(results: list[dict]) -> list[str]:
         # Two cases, run minutes apart: medians of each, so this one is noisier than the others.
         check("int8 short worker / python fp32", get[("model_int8.onnx", "short")]["worker"]["docs_per_s"]
               / get[(fp, "short")]["python"]["docs_per_s"], 3.0)
+    for corpus_kind in ("uniform", "long-uniform"):
+        if (fp, corpus_kind) in get:
+            r = get[(fp, corpus_kind)]
+            lines.append(f"info  fp32 {corpus_kind} worker / python: {r['ratio']['worker_vs_python']:.3f}"
+                         " (no target: near-equal lengths leave no padding to save)")
     for r in results:
         if r["model"] == fp:
             ok = r["worker"]["peak_rss_mb"] < 400
@@ -381,6 +387,8 @@ def main() -> int:
     p.add_argument("--long", type=int, default=300, help="long paragraphs per run")
     p.add_argument("--uniform", type=int, default=1500,
                    help="templated sentences of near-equal length per run (0 to skip); reported, no target")
+    p.add_argument("--long-uniform", type=int, default=300,
+                   help="templated paragraphs of near-equal length per run (0 to skip); reported, no target")
     p.add_argument("--latency-seconds", type=float, default=10)
     p.add_argument("--rounds", type=int, default=5, help="interleaved repetitions per case; medians are reported")
     p.add_argument("--models", nargs="*", default=["model.onnx", "model_int8.onnx"])
@@ -388,7 +396,7 @@ def main() -> int:
     p.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="only the memory soak, this long")
     a = p.parse_args()
     if a.smoke:
-        a.short, a.long, a.uniform, a.latency_seconds, a.rounds = 200, 24, 0, 2, 1
+        a.short, a.long, a.uniform, a.long_uniform, a.latency_seconds, a.rounds = 200, 24, 0, 0, 2, 1
     if not BIN.is_file():
         sys.exit(f"{BIN} missing: run `make build`")
     model_dir = Path(os.environ["EMBED_WORKER_MODEL_DIR"])
@@ -408,7 +416,8 @@ def main() -> int:
             if not (model_dir / model_file).is_file():
                 print(f"skipping {model_file}: not built (make model-int8)")
                 continue
-            for kind, n in (("short", a.short), ("uniform", a.uniform), ("long", a.long)):
+            for kind, n in (("short", a.short), ("uniform", a.uniform), ("long", a.long),
+                            ("long-uniform", a.long_uniform)):
                 if n == 0:
                     continue
                 texts = corpus.texts(kind, n, seed=11)

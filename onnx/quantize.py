@@ -202,7 +202,7 @@ def quantize(source: Path, out: Path, tok: Tokenizer, keep: list[str], smooth_pa
     # Weight MatMuls only (the second input is an initializer), minus the ones kept in fp32.
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
                and not any(re.search(k, n.name) for k in keep)]
-    texts = corpus.texts("uniform", n_cal, seed=101) + corpus.texts("long", n_cal // 4, seed=101)
+    texts = corpus.texts("uniform", n_cal, seed=101) + corpus.texts("long-uniform", n_cal // 4, seed=101)
     smoothed = smooth(model, [n for n in matmuls if re.search(smooth_pattern, n.name)], tok, texts, alpha) \
         if alpha > 0 and smooth_pattern else 0
     quantize_per_token(model, matmuls, 63 if reduce_range else 127)
@@ -238,7 +238,7 @@ def verify(ref: ort.InferenceSession, q: ort.InferenceSession, tok: Tokenizer, n
     """Quality on unseen texts: template sentences + paragraphs, and real sentences."""
     real = corpus.texts("short", 2 * n, seed=202)
     return {
-        "templates": quality(ref, q, tok, corpus.texts("uniform", n, seed=202) + corpus.texts("long", n // 8, seed=202),
+        "templates": quality(ref, q, tok, corpus.texts("uniform", n, seed=202) + corpus.texts("long-uniform", n // 8, seed=202),
                              corpus.texts("uniform", 200, seed=303)),
         "real sentences": quality(ref, q, tok, real[200:], real[:200]),
     }
