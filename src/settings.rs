@@ -74,8 +74,10 @@ pub struct StreamSettings {
     pub text_field: String,
     /// Field carrying the document id.
     pub id_field: String,
-    /// Entries per XREADGROUP.
+    /// Most entries per XREADGROUP.
     pub read_count: usize,
+    /// Tokens' worth of entries per XREADGROUP (estimated from recent documents' mean length).
+    pub read_tokens: usize,
     /// XREADGROUP BLOCK time.
     #[serde(with = "humantime_serde")]
     pub block: Duration,
@@ -271,9 +273,14 @@ impl Settings {
                 self.index.distance_metric
             ));
         }
-        if self.batch.max_docs == 0 || self.stream.read_count == 0 || self.batch.max_tokens == 0 {
+        if self.batch.max_docs == 0
+            || self.stream.read_count == 0
+            || self.stream.read_tokens == 0
+            || self.batch.max_tokens == 0
+        {
             return bad(
-                "batch.max_docs, batch.max_tokens and stream.read_count must be > 0".into(),
+                "batch.max_docs, batch.max_tokens, stream.read_count and stream.read_tokens must be > 0"
+                    .into(),
             );
         }
         if self.stream.max_deliveries == 0 {

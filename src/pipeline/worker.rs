@@ -21,6 +21,7 @@ use super::batch::BatchLimits;
 use super::consume::{self, GroupRef, Read};
 use super::embed::{self, Tokenized};
 use super::entry::{self, Doc, EntryRules};
+use super::read_ahead::ReadAhead;
 use super::write::{self, DeadLetter};
 use crate::model::{Model, ModelError};
 use crate::observe::metrics::Stage;
@@ -83,8 +84,11 @@ struct Ctx {
     health: Arc<Health>,
     /// Entries read but not yet acked or dead-lettered (for `--drain`, and the read budget).
     in_flight: AtomicUsize,
-    /// Signalled by the writer whenever entries leave `in_flight`.
+    /// Signalled whenever the reader's budget may have grown: entries left `in_flight` (the
+    /// writer), or a read was tokenised and the read size updated (prepare).
     finished: Notify,
+    /// How many entries to read, and when (fed the token counts of tokenised reads).
+    read_ahead: ReadAhead,
     /// Fault injection for the crash tests: hold every job this long before writing it, so a
     /// test can kill the process between read and write. Set by EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE.
     fault_pause_before_write: Option<Duration>,
@@ -123,6 +127,11 @@ pub async fn run(
         health,
         in_flight: AtomicUsize::new(0),
         finished: Notify::new(),
+        read_ahead: ReadAhead::new(
+            settings.stream.read_tokens,
+            settings.stream.read_count,
+            model.config.max_seq_length,
+        ),
         fault_pause_before_write: std::env::var("EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE")
             .ok()
             .and_then(|v| humantime::parse_duration(&v).ok()),
@@ -141,8 +150,8 @@ pub async fn run(
 
     // One window prefetched while the previous one is tokenised; two batches queued ahead of
     // the model so it never waits on the tokeniser; two written batches queued ahead of Redis so
-    // a slow round trip does not stall the model. Small on purpose: each holds at most a read's
-    // worth of documents, so memory stays flat under any backlog.
+    // a slow round trip does not stall the model. Small on purpose: together they never hold more
+    // than the reader's budget of about two reads, so memory stays flat under any backlog.
     let (window_tx, window_rx) = mpsc::channel::<Window>(1);
     let (batch_tx, batch_rx) = mpsc::channel::<Tokenized>(2);
     let (write_tx, write_rx) = mpsc::channel::<WriteJob>(2);
@@ -357,9 +366,11 @@ async fn reader(
     // keeps `claim_idle` meaningful (and the SIGTERM drain short): without it the channels hold
     // up to ~9 reads, minutes of work on a slow CPU, and other workers would reclaim entries this
     // one is still about to finish.
-    let budget = 2 * s.read_count;
     while !*stop.borrow() {
-        if ctx.in_flight.load(Ordering::Relaxed) + s.read_count > budget {
+        if !ctx
+            .read_ahead
+            .may_read(ctx.in_flight.load(Ordering::Relaxed))
+        {
             let mut stopped = stop.clone();
             tokio::select! {
                 // A timeout, not only the notification: a wake-up between the check and the
@@ -450,9 +461,10 @@ async fn read_step(
         claim_cursor,
     } = cursors;
     let idle_drain = options.drain && ctx.in_flight.load(Ordering::Relaxed) == 0;
+    let count = ctx.read_ahead.count();
     // The lag and pending gauges are kept current by observe::probe, once a second.
     if let Source::OwnPending(from) = source {
-        let read = consume::read(conn, &ctx.group, from, s.read_count, None).await?;
+        let read = consume::read(conn, &ctx.group, from, count, None).await?;
         match read
             .entries
             .last()
@@ -472,7 +484,7 @@ async fn read_step(
     }
     if Instant::now() >= *next_claim || idle_drain {
         let (cursor, read) =
-            consume::autoclaim(conn, &ctx.group, s.claim_idle, claim_cursor, s.read_count).await?;
+            consume::autoclaim(conn, &ctx.group, s.claim_idle, claim_cursor, count).await?;
         let wrapped = cursor == "0-0";
         *claim_cursor = cursor;
         if wrapped {
@@ -500,7 +512,7 @@ async fn read_step(
     } else {
         s.block
     };
-    let mut read = consume::read(conn, &ctx.group, ">", s.read_count, Some(block)).await?;
+    let mut read = consume::read(conn, &ctx.group, ">", count, Some(block)).await?;
     let wait = ctx.settings.batch.max_wait;
     if !read.entries.is_empty()
         && read.entries.len() < ctx.settings.batch.max_docs
@@ -511,7 +523,7 @@ async fn read_step(
             conn,
             &ctx.group,
             ">",
-            s.read_count - read.entries.len().min(s.read_count - 1),
+            count - read.entries.len().min(count - 1),
             Some(wait),
         )
         .await?;
@@ -555,6 +567,9 @@ async fn prepare(
     while let Some(window) = windows.recv().await {
         let (tokenized, dead) =
             embed::tokenize(model.tokenizer.clone(), window.docs, ctx.metrics.clone()).await;
+        let tokens = tokenized.encoded.iter().map(|e| e.len()).sum();
+        ctx.read_ahead.observe(tokenized.docs.len(), tokens);
+        ctx.finished.notify_one();
         if !dead.is_empty()
             && writes
                 .send(WriteJob {

@@ -622,6 +622,8 @@ fn sigterm_during_a_large_batch_exits_0_and_leaves_nothing_half_done() {
             ("EMBED_WORKER__BATCH__MAX_DOCS", "256".into()),
             ("EMBED_WORKER__BATCH__MAX_TOKENS", "65536".into()),
             ("EMBED_WORKER__STREAM__READ_COUNT", "256".into()),
+            // Reads of read_count entries from the first one (not sized by tokens).
+            ("EMBED_WORKER__STREAM__READ_TOKENS", "1000000".into()),
             ("EMBED_WORKER__WORKER__SHUTDOWN_TIMEOUT", timeout.into()),
         ]
     };

@@ -325,3 +325,62 @@ fn index_commands_create_describe_and_drop() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("does not exist"));
 }
+
+/// What a worker holds once it stops reading, with every write held back: its first read (sized
+/// for the model's longest input) plus one read sized from the documents it tokenised.
+fn held_after_reading(texts: impl Fn(usize) -> String) -> u64 {
+    let server = RedisServer::start();
+    let names = Names::new("readahead");
+    let mut conn = server.conn();
+    let mut pipe = ::redis::pipe();
+    for i in 0..1500 {
+        pipe.cmd("XADD")
+            .arg(&names.stream)
+            .arg("*")
+            .arg("content")
+            .arg(texts(i))
+            .ignore();
+    }
+    let () = pipe.query(&mut conn).unwrap();
+    let _fleet = Fleet(vec![worker_cmd(&server, &names)
+        .env("EMBED_WORKER__STREAM__READ_TOKENS", "2560")
+        .env("EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE", "60s")
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()]);
+    // Settled: the same count twice, 1.5 s apart.
+    let mut last = u64::MAX;
+    wait_for(Duration::from_secs(30), || {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = pending(&mut conn, &names);
+        let settled = now > 0 && now == last;
+        last = now;
+        settled.then_some(now)
+    })
+    .expect("the worker stops reading while its writes are held")
+}
+
+#[test]
+fn reads_are_sized_in_tokens_so_long_documents_are_read_fewer_at_a_time() {
+    // read_tokens 2560: the first read assumes 256-token documents (10 entries); the next one is
+    // 2560 / the mean of what was tokenised.
+    let short = held_after_reading(|i| format!("note {i}")); // 4 tokens with [CLS] and [SEP]
+    let long = held_after_reading(|i| {
+        format!(
+            "Report {i}: the committee met on a rainy Tuesday to discuss the budget for the new \
+             library wing, the repairs to the old bridge over the river, the school bus timetable \
+             for the district, and a proposal to plant trees along the avenue before the festival."
+        )
+    });
+    eprintln!("held: short {short}, long {long}");
+    assert!(
+        (600..=700).contains(&short),
+        "short: 10 + 2560/4 = 650 expected, held {short}"
+    );
+    assert!(
+        (40..=80).contains(&long),
+        "long (~50 tokens): 10 + ~50 expected, held {long}"
+    );
+}
