@@ -3,6 +3,8 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
 use crate::model::Model;
 use crate::observe::{Health, Metrics};
 use crate::pipeline::{self, RunOptions};
@@ -16,15 +18,18 @@ pub struct Args {
 }
 
 pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
-    // The model first: a missing library or model file is a configuration error, reported
-    // before anything touches Redis.
-    let model = Model::load(&settings)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // Two async workers suffice: the model has its own thread and tokenising uses the
         // blocking pool; more would only compete with ONNX Runtime for the cores.
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // Handlers before anything slow: a SIGTERM while the model loads (a pod stopped as it
+    // starts) is then a clean stop before the first read, not the default death by signal.
+    let signals = runtime.block_on(async { ShutdownSignals::install() });
+    // The model next: a missing library or model file is a configuration error, reported
+    // before anything touches Redis.
+    let model = Model::load(&settings)?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     let summary = runtime.block_on(async {
@@ -38,7 +43,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
         );
         let options = RunOptions { drain: args.drain };
         anyhow::Ok(
-            pipeline::run(settings, model, metrics, health, options, shutdown_signal()).await?,
+            pipeline::run(settings, model, metrics, health, options, signals.recv()).await?,
         )
     })?;
     if summary.timed_out {
@@ -49,15 +54,29 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term =
-        signal(SignalKind::terminate()).expect("installing a SIGTERM handler cannot fail on Unix");
-    let mut int =
-        signal(SignalKind::interrupt()).expect("installing a SIGINT handler cannot fail on Unix");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: finishing the batch in hand"),
-        _ = int.recv() => tracing::info!("SIGINT: finishing the batch in hand"),
+/// SIGTERM and SIGINT, caught from the moment of `install` (signals that arrive before `recv`
+/// is polled are kept, not lost).
+struct ShutdownSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers; needs a runtime context.
+    fn install() -> Self {
+        Self {
+            term: signal(SignalKind::terminate())
+                .expect("installing a SIGTERM handler cannot fail on Unix"),
+            int: signal(SignalKind::interrupt())
+                .expect("installing a SIGINT handler cannot fail on Unix"),
+        }
+    }
+
+    /// Resolves on SIGTERM or SIGINT.
+    async fn recv(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: finishing the batch in hand"),
+            _ = self.int.recv() => tracing::info!("SIGINT: finishing the batch in hand"),
+        }
     }
 }

@@ -608,6 +608,49 @@ fn written_and_checked(
     (acked, keys.len())
 }
 
+/// Whether `pid` has a handler for SIGTERM (bit 15 of SigCgt in /proc/PID/status).
+fn catches_sigterm(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
+}
+
+#[test]
+fn sigterm_while_the_model_loads_is_a_clean_stop() {
+    let server = RedisServer::start();
+    let names = Names::new("early");
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("w.log");
+    let mut fleet = Fleet(vec![spawn_worker(
+        &server.url(),
+        &server,
+        &names,
+        "early",
+        &[],
+        &log,
+    )]);
+    let w = &mut fleet.0[0];
+    // Polled tightly: the model takes a few hundred milliseconds to load, and the handler must
+    // be there before it is ("model loaded" is the first line the worker logs).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !catches_sigterm(w.id()) {
+        assert!(Instant::now() < deadline, "no SIGTERM handler after 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let early = !tail(&log, 50).contains("model loaded");
+    sigterm(w);
+    let status = wait_exit(w, Duration::from_secs(20)).expect("exits after SIGTERM");
+    assert!(status.success(), "{status}\n{}", tail(&log, 20));
+    assert!(
+        early,
+        "the handler came only after the model had loaded:\n{}",
+        tail(&log, 20)
+    );
+}
+
 #[test]
 fn sigterm_during_a_large_batch_exits_0_and_leaves_nothing_half_done() {
     let server = RedisServer::start();
