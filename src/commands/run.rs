@@ -42,9 +42,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
             metrics.clone(),
         );
         let options = RunOptions { drain: args.drain };
-        anyhow::Ok(
-            pipeline::run(settings, model, metrics, health, options, signals.recv()).await?,
-        )
+        anyhow::Ok(pipeline::run(settings, model, metrics, health, options, signals.recv()).await?)
     })?;
     if summary.timed_out {
         tracing::warn!(
