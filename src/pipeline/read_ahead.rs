@@ -75,6 +75,15 @@ impl ReadAhead {
 mod tests {
     use super::*;
 
+    /// 24,576 tokens per read, after many reads of 24-token sentences.
+    fn after_sentences(read_count: usize) -> ReadAhead {
+        let r = ReadAhead::new(24_576, read_count, 256);
+        for _ in 0..20 {
+            r.observe(1000, 24_000);
+        }
+        r
+    }
+
     #[test]
     fn the_first_read_assumes_the_longest_documents() {
         let r = ReadAhead::new(24_576, 1024, 256);
@@ -83,24 +92,14 @@ mod tests {
 
     #[test]
     fn reads_grow_for_short_documents_up_to_read_count() {
-        let r = ReadAhead::new(24_576, 1024, 256);
-        for _ in 0..20 {
-            r.observe(1000, 24_000); // 24 tokens each
-        }
-        assert_eq!(r.count(), 1024, "capped by read_count");
-        let r = ReadAhead::new(24_576, 4096, 256);
-        for _ in 0..20 {
-            r.observe(1000, 24_000);
-        }
+        assert_eq!(after_sentences(1024).count(), 1024, "capped by read_count");
+        let r = after_sentences(4096);
         assert_eq!(r.count(), 1024, "24,576 tokens of 24-token documents");
     }
 
     #[test]
     fn reads_shrink_again_when_documents_get_long() {
-        let r = ReadAhead::new(24_576, 1024, 256);
-        for _ in 0..20 {
-            r.observe(1000, 24_000);
-        }
+        let r = after_sentences(1024);
         r.observe(1024, 1024 * 200);
         assert!(
             r.count() <= 130,
@@ -115,10 +114,7 @@ mod tests {
 
     #[test]
     fn one_odd_document_barely_moves_the_size() {
-        let r = ReadAhead::new(24_576, 4096, 256);
-        for _ in 0..20 {
-            r.observe(1000, 24_000);
-        }
+        let r = after_sentences(4096);
         let before = r.count();
         r.observe(1, 256); // a 256-token document, ten times the mean, moves it 1/65 of the way
         assert!(r.count() * 100 >= before * 85, "{before} -> {}", r.count());

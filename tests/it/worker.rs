@@ -160,6 +160,19 @@ fn extra_fields_are_copied_missing_ids_use_the_entry_id_and_filters_narrow() {
     assert!(text.starts_with(&format!("ID: {key}, ")), "{text}");
 }
 
+/// `run` with one setting, and every write held back for a minute (the test-only pause between
+/// read and write), so whatever it reads stays pending.
+fn worker_holding_its_writes(server: &RedisServer, names: &Names, key: &str, value: &str) -> Fleet {
+    Fleet(vec![worker_cmd(server, names)
+        .env(key, value)
+        .env("EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE", "60s")
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()])
+}
+
 #[test]
 fn a_killed_worker_leaves_entries_pending_and_its_restart_finishes_them() {
     let server = RedisServer::start();
@@ -178,14 +191,8 @@ fn a_killed_worker_leaves_entries_pending_and_its_restart_finishes_them() {
     }
     // A worker that reads, then dies before writing: the test-only pause between read and
     // write holds it there, and SIGKILL ends it.
-    let fleet = Fleet(vec![worker_cmd(&server, &names)
-        .env("EMBED_WORKER__STREAM__CONSUMER", "pod-a")
-        .env("EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE", "60s")
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()]);
+    let fleet =
+        worker_holding_its_writes(&server, &names, "EMBED_WORKER__STREAM__CONSUMER", "pod-a");
     let read = wait_for(Duration::from_secs(30), || {
         (pending(&mut conn, &names) == 40).then_some(())
     });
@@ -342,14 +349,8 @@ fn held_after_reading(texts: impl Fn(usize) -> String) -> u64 {
             .ignore();
     }
     let () = pipe.query(&mut conn).unwrap();
-    let _fleet = Fleet(vec![worker_cmd(&server, &names)
-        .env("EMBED_WORKER__STREAM__READ_TOKENS", "2560")
-        .env("EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE", "60s")
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()]);
+    let _fleet =
+        worker_holding_its_writes(&server, &names, "EMBED_WORKER__STREAM__READ_TOKENS", "2560");
     // Settled: the same count twice, 1.5 s apart.
     let mut last = u64::MAX;
     wait_for(Duration::from_secs(30), || {
