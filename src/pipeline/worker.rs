@@ -86,7 +86,7 @@ struct Ctx {
     in_flight: AtomicUsize,
     /// Signalled whenever the reader's budget may have grown: entries left `in_flight` (the
     /// writer), or a read was tokenised and the read size updated (prepare).
-    finished: Notify,
+    budget_grew: Notify,
     /// How many entries to read, and when (fed the token counts of tokenised reads).
     read_ahead: ReadAhead,
     /// Fault injection for the crash tests: hold every job this long before writing it, so a
@@ -126,7 +126,7 @@ pub async fn run(
         metrics,
         health,
         in_flight: AtomicUsize::new(0),
-        finished: Notify::new(),
+        budget_grew: Notify::new(),
         read_ahead: ReadAhead::new(
             settings.stream.read_tokens,
             settings.stream.read_count,
@@ -375,7 +375,7 @@ async fn reader(
             tokio::select! {
                 // A timeout, not only the notification: a wake-up between the check and the
                 // wait would otherwise be missed.
-                _ = tokio::time::timeout(Duration::from_millis(100), ctx.finished.notified()) => {}
+                _ = tokio::time::timeout(Duration::from_millis(100), ctx.budget_grew.notified()) => {}
                 _ = stopped.wait_for(|s| *s) => {}
             }
             continue;
@@ -569,7 +569,7 @@ async fn prepare(
             embed::tokenize(model.tokenizer.clone(), window.docs, ctx.metrics.clone()).await;
         let tokens = tokenized.encoded.iter().map(|e| e.len()).sum();
         ctx.read_ahead.observe(tokenized.docs.len(), tokens);
-        ctx.finished.notify_one();
+        ctx.budget_grew.notify_one();
         if !dead.is_empty()
             && writes
                 .send(WriteJob {
@@ -656,7 +656,7 @@ async fn writer(ctx: Arc<Ctx>, mut jobs: mpsc::Receiver<WriteJob>) -> Result<(),
         }
         backoff.reset();
         ctx.in_flight.fetch_sub(entries, Ordering::Relaxed);
-        ctx.finished.notify_one();
+        ctx.budget_grew.notify_one();
     }
     Ok(())
 }
