@@ -13,6 +13,7 @@ PORT="${REDIS_PORT:-6379}"
 DATA="${REDIS_DIR:-$ROOT/.redis}"
 # Standard library only: runs before the virtualenv exists.
 PY="$EMBED_WORKER_PYTHON"; [ -x "$PY" ] || PY="${PYTHON:-python3}"
+command -v "$PY" >/dev/null || { echo "redis: $PY not found (it checks the port). Fix: sudo apt-get install python3" >&2; exit 1; }
 PROBE="$ROOT/scripts/redis_probe.py"
 QUIET=""
 
