@@ -21,7 +21,7 @@ pub async fn serve(
     }
     let listener = TcpListener::bind(&settings.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("http.listen {}: {e}", settings.listen))?;
+        .map_err(|e| bind_error(&settings.listen, &e))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "serving /metrics, /livez, /readyz");
     tokio::spawn(async move {
@@ -49,6 +49,30 @@ pub async fn serve(
         }
     });
     Ok(Some(addr))
+}
+
+/// One line naming the setting to change. The usual cause is a second worker on the same host
+/// (another `make run`, or a test), which finds the first one's port taken.
+fn bind_error(listen: &str, e: &std::io::Error) -> anyhow::Error {
+    let fix = "Fix: give each worker on a host its own port";
+    let example = match listen.parse::<std::net::SocketAddr>() {
+        Ok(mut addr) if addr.port() < u16::MAX => {
+            addr.set_port(addr.port() + 1);
+            format!("EMBED_WORKER__HTTP__LISTEN={addr}")
+        }
+        _ => "EMBED_WORKER__HTTP__LISTEN=0.0.0.0:9465".to_string(),
+    };
+    let off = "or EMBED_WORKER__HTTP__LISTEN= (empty) to run without /metrics and probes";
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+            "http.listen {listen}: the port is already in use (another embed-worker on this host?). \
+             {fix} (http.listen), e.g. {example}, {off}"
+        ),
+        _ => anyhow::anyhow!(
+            "http.listen {listen}: {e}. Fix: set http.listen to a HOST:PORT this process may bind, \
+             e.g. {example}, {off}"
+        ),
+    }
 }
 
 /// A client gets this long to send its request line and headers.
@@ -88,5 +112,32 @@ fn route(path: &str, metrics: &Metrics, health: &Health) -> (&'static str, &'sta
             ),
         },
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two workers on one host: the second's error names the setting and a port to use instead.
+    #[tokio::test]
+    async fn a_taken_port_is_one_line_naming_the_setting() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let settings = HttpSettings {
+            listen: addr.to_string(),
+        };
+        let err = serve(
+            &settings,
+            Arc::new(Metrics::default()),
+            Arc::new(Health::default()),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains('\n'), "{err}");
+        assert!(err.contains("already in use"), "{err}");
+        let next = format!("EMBED_WORKER__HTTP__LISTEN=127.0.0.1:{}", addr.port() + 1);
+        assert!(err.contains(&next), "{err}");
     }
 }
