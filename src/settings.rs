@@ -74,6 +74,10 @@ pub struct StreamSettings {
     pub text_field: String,
     /// Field carrying the document id.
     pub id_field: String,
+    /// Field carrying the operation: "upsert" (also when absent) or "delete".
+    pub op_field: String,
+    /// Field carrying an optional producer version (a non-negative integer); the highest wins.
+    pub version_field: String,
     /// Most entries per XREADGROUP.
     pub read_count: usize,
     /// Tokens' worth of entries per XREADGROUP (estimated from recent documents' mean length).
@@ -119,6 +123,12 @@ pub struct IndexSettings {
     pub ef_construction: u32,
     /// Other schema fields, "NAME TYPE [options]".
     pub schema: Vec<String>,
+    /// Key prefix of delete tombstones (outside `prefix`, so never indexed).
+    pub tombstone_prefix: String,
+    /// How long a tombstone keeps an older upsert that arrives late from bringing a deleted
+    /// document back.
+    #[serde(with = "humantime_serde")]
+    pub tombstone_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -254,6 +264,9 @@ impl Settings {
             ("stream.group", &self.stream.group),
             ("stream.text_field", &self.stream.text_field),
             ("stream.id_field", &self.stream.id_field),
+            ("stream.op_field", &self.stream.op_field),
+            ("stream.version_field", &self.stream.version_field),
+            ("index.tombstone_prefix", &self.index.tombstone_prefix),
             ("index.name", &self.index.name),
             ("index.vector_field", &self.index.vector_field),
         ] {
@@ -282,6 +295,32 @@ impl Settings {
                 "batch.max_docs, batch.max_tokens, stream.read_count and stream.read_tokens must be > 0"
                     .into(),
             );
+        }
+        let control = [
+            &self.stream.text_field,
+            &self.stream.id_field,
+            &self.stream.op_field,
+            &self.stream.version_field,
+            &self.index.vector_field,
+        ];
+        for (i, a) in control.iter().enumerate() {
+            if control[i + 1..].contains(a) {
+                return bad(format!(
+                    "stream.text_field, stream.id_field, stream.op_field, stream.version_field and \
+                     index.vector_field must all differ; {a:?} is used twice"
+                ));
+            }
+        }
+        if self.index.tombstone_prefix.starts_with(&self.index.prefix)
+            || self.index.prefix.starts_with(&self.index.tombstone_prefix)
+        {
+            return bad(format!(
+                "index.tombstone_prefix {:?} must not overlap index.prefix {:?}: tombstones would be indexed",
+                self.index.tombstone_prefix, self.index.prefix
+            ));
+        }
+        if self.index.tombstone_ttl.is_zero() {
+            return bad("index.tombstone_ttl must be > 0".into());
         }
         if self.stream.max_deliveries == 0 {
             return bad("stream.max_deliveries must be > 0".into());

@@ -4,8 +4,8 @@
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::process::ExitCode;
 
-use crate::redis::Store;
 use crate::settings::Settings;
+use crate::store::Store;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use crate::model::EmbeddingConfig;
-use crate::redis::{index, Store};
 use crate::settings::Settings;
+use crate::store::{index, Store};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -67,7 +67,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
                         "percent_indexed",
                     ] {
                         if let Some((_, v)) = info.iter().find(|(k, _)| k == key) {
-                            println!("{key}: {}", index::text(v));
+                            println!("{key}: {}", crate::store::reply::text(v));
                         }
                     }
                     if let Some(spec) = index::vector_spec(&info, &settings.index.vector_field) {

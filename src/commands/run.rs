@@ -36,7 +36,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
         crate::observe::serve(&settings.http, metrics.clone(), health.clone()).await?;
         // Keeps /readyz and the lag/pending gauges current whatever the pipeline is doing.
         crate::observe::probe::spawn(
-            crate::redis::Store::new(&settings.redis)?,
+            crate::store::Store::new(&settings.redis)?,
             crate::observe::probe::Target::from_settings(&settings),
             health.clone(),
             metrics.clone(),

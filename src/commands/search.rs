@@ -4,9 +4,9 @@
 use std::process::ExitCode;
 
 use crate::model::Model;
-use crate::redis::query;
-use crate::redis::Store;
 use crate::settings::Settings;
+use crate::store::query;
+use crate::store::Store;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

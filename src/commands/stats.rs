@@ -8,8 +8,9 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::{RedisError, Value};
 use serde::Serialize;
 
-use crate::redis::{index, Store};
 use crate::settings::Settings;
+use crate::store::reply::{self, GroupInfo};
+use crate::store::{index, stream, Store};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -36,15 +37,8 @@ pub struct StreamStats {
     pub length: u64,
 }
 
-#[derive(Debug, Serialize)]
-pub struct GroupStats {
-    pub name: String,
-    /// Entries not yet delivered to the group; `None` when Redis cannot tell.
-    pub lag: Option<u64>,
-    /// Delivered and not yet acknowledged.
-    pub pending: u64,
-    pub last_delivered_id: String,
-}
+/// The group as XINFO GROUPS reports it.
+pub type GroupStats = GroupInfo;
 
 #[derive(Debug, Serialize)]
 pub struct ConsumerStats {
@@ -87,7 +81,7 @@ pub async fn collect(
 ) -> Result<Stats, RedisError> {
     let stream = &settings.stream.name;
     let dead = settings.dead_letter_stream();
-    let group = group(conn, stream, &settings.stream.group).await?;
+    let group = stream::group_info(conn, stream, &settings.stream.group).await?;
     let consumers = if group.is_some() {
         consumers(conn, stream, &settings.stream.group).await?
     } else {
@@ -95,7 +89,7 @@ pub async fn collect(
     };
     let index = index::info(conn, &settings.index.name).await?.map(|info| {
         let get = |k: &str| info.iter().find(|(key, _)| key == k).map(|(_, v)| v);
-        let num = |k: &str| get(k).map(index::text).and_then(|t| t.parse::<f64>().ok());
+        let num = |k: &str| get(k).map(reply::text).and_then(|t| t.parse::<f64>().ok());
         IndexStats {
             name: settings.index.name.clone(),
             num_docs: num("num_docs").unwrap_or(0.0) as u64,
@@ -122,51 +116,12 @@ async fn xlen(conn: &mut MultiplexedConnection, stream: &str) -> Result<u64, Red
     ::redis::cmd("XLEN").arg(stream).query_async(conn).await
 }
 
-/// XINFO GROUPS/CONSUMERS on a missing stream is an error; here it means "nothing yet".
-fn missing_stream(e: &RedisError) -> bool {
-    e.to_string().to_lowercase().contains("no such key")
-}
-
 fn int(kv: &[(String, Value)], key: &str) -> Option<u64> {
-    match kv.iter().find(|(k, _)| k == key).map(|(_, v)| v) {
-        Some(Value::Int(n)) if *n >= 0 => Some(*n as u64),
-        _ => None,
-    }
+    reply::uint(kv, key)
 }
 
 fn string(kv: &[(String, Value)], key: &str) -> String {
-    kv.iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| index::text(v))
-        .unwrap_or_default()
-}
-
-async fn group(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    name: &str,
-) -> Result<Option<GroupStats>, RedisError> {
-    let reply: Value = match ::redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await
-    {
-        Ok(v) => v,
-        Err(e) if missing_stream(&e) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let Value::Array(groups) = reply else {
-        return Ok(None);
-    };
-    Ok(groups.iter().map(index::pairs).find_map(|kv| {
-        (string(&kv, "name") == name).then(|| GroupStats {
-            name: name.to_string(),
-            lag: int(&kv, "lag"),
-            pending: int(&kv, "pending").unwrap_or(0),
-            last_delivered_id: string(&kv, "last-delivered-id"),
-        })
-    }))
+    reply::get(kv, key).map(reply::text).unwrap_or_default()
 }
 
 async fn consumers(
@@ -185,7 +140,7 @@ async fn consumers(
     };
     Ok(items
         .iter()
-        .map(index::pairs)
+        .map(reply::pairs)
         .map(|kv| ConsumerStats {
             name: string(&kv, "name"),
             pending: int(&kv, "pending").unwrap_or(0),

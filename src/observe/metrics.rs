@@ -113,6 +113,8 @@ const SECONDS: &[f64] = &[
 pub struct Metrics {
     embedded: AtomicU64,
     written: AtomicU64,
+    superseded: AtomicU64,
+    deleted: AtomicU64,
     acked: AtomicU64,
     dead_lettered: Labeled,
     errors: Labeled,
@@ -131,6 +133,8 @@ impl Default for Metrics {
         Self {
             embedded: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            superseded: AtomicU64::new(0),
+            deleted: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             dead_lettered: Labeled::declared(
                 &crate::pipeline::entry::DeadReason::ALL.map(|r| r.as_str()),
@@ -156,6 +160,12 @@ impl Metrics {
     }
     pub fn written(&self, n: usize) {
         self.written.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    pub fn superseded(&self, n: usize) {
+        self.superseded.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    pub fn deleted(&self, n: usize) {
+        self.deleted.fetch_add(n as u64, Ordering::Relaxed);
     }
     pub fn acked(&self, n: usize) {
         self.acked.fetch_add(n as u64, Ordering::Relaxed);
@@ -231,13 +241,25 @@ impl Metrics {
         counter(
             &mut out,
             "documents_written_total",
-            "Document hashes Redis confirmed (HSET with the vector).",
+            "Document versions Redis stored: the whole document replaced by the entry's fields and vector.",
             self.written.load(Ordering::Relaxed),
         );
         counter(
             &mut out,
+            "documents_superseded_total",
+            "Upserts and deletes not applied because a newer version of the document was stored, tombstoned, or came later in the same read; acked.",
+            self.superseded.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "documents_deleted_total",
+            "Deletes applied: the document removed (or already absent) and a tombstone written.",
+            self.deleted.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
             "documents_acked_total",
-            "Stream entries acknowledged (XACK) after their document hash was written. Dead letters are acked too but counted only in embed_worker_dead_letters_total, so every entry handled is acked_total + dead_letters_total.",
+            "Stream entries acknowledged (XACK) once done: written, deleted, superseded, or already applied. Dead letters are acked too but counted only in embed_worker_dead_letters_total, so every entry handled is acked_total + dead_letters_total.",
             self.acked.load(Ordering::Relaxed),
         );
         for (name, help, labeled, label) in [

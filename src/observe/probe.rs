@@ -11,9 +11,9 @@ use ::redis::Value;
 use tokio::task::JoinHandle;
 
 use super::{Health, Metrics};
-use crate::redis::connect::{Store, StoreError};
-use crate::redis::index;
 use crate::settings::Settings;
+use crate::store::connect::{Store, StoreError};
+use crate::store::{index, stream};
 
 /// Time between rounds.
 pub const INTERVAL: Duration = Duration::from_secs(1);
@@ -123,39 +123,10 @@ async fn check(
     }
     let c = conn.as_mut().expect("connected just above");
     let _: Value = ::redis::cmd("PING").query_async(c).await?;
-    let group = group_state(c, &target.stream, &target.group).await?;
+    // A lag Redis cannot tell (after some deletions) reads as 0.
+    let group = stream::group_info(c, &target.stream, &target.group)
+        .await?
+        .map(|g| (g.pending, g.lag.unwrap_or(0)));
     let index = index::info(c, &target.index).await?.is_some();
     Ok(Round { group, index })
-}
-
-/// (pending, lag) of `group` from XINFO GROUPS; `None` when the stream or the group is missing.
-/// A lag Redis cannot tell (after some deletions) reads as 0.
-pub async fn group_state(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    group: &str,
-) -> Result<Option<(u64, u64)>, ::redis::RedisError> {
-    let reply: Result<Value, _> = ::redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await;
-    let groups = match reply {
-        Ok(Value::Array(groups)) => groups,
-        Ok(_) => return Ok(None),
-        Err(e) if e.to_string().to_lowercase().contains("no such key") => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    Ok(groups.iter().find_map(|g| {
-        let kv = index::pairs(g);
-        let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v);
-        if get("name").map(index::text).as_deref() != Some(group) {
-            return None;
-        }
-        let int = |k: &str| match get(k) {
-            Some(Value::Int(n)) => *n as u64,
-            _ => 0,
-        };
-        Some((int("pending"), int("lag")))
-    }))
 }

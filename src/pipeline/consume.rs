@@ -1,277 +1,231 @@
-//! Reading the stream through the consumer group: new entries, this consumer's own pending
-//! entries (after a restart), and entries reclaimed from dead consumers (XAUTOCLAIM).
+//! The reader stage: takes entries from the group (this consumer's own pending ones after a
+//! restart, entries idle on dead consumers, then new ones), turns each into an [`Op`], keeps
+//! the newest op per document within the read, and routes them: upserts to the tokeniser,
+//! everything else straight to the writer. It reads again only while the worker holds less than
+//! its budget ([`ReadAhead`](super::read_ahead::ReadAhead)).
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{RedisError, Value};
+use tokio::sync::{mpsc, watch};
 
-use super::entry::RawEntry;
-use crate::redis::index::text;
+use super::entry::{self, Doc};
+use super::op::{self, AckOnly, AckWhy, Completion, Op, Write};
+use super::shared::{sleep_unless_stopped, Ctx};
+use super::{RunOptions, WorkerError};
+use crate::store::stream::{self, Read};
 
-/// Names that identify this worker's place in the group.
-#[derive(Debug, Clone)]
-pub struct GroupRef {
-    pub stream: String,
-    pub group: String,
-    pub consumer: String,
+/// The longest a `--drain` read blocks for new entries.
+const DRAIN_BLOCK: Duration = Duration::from_millis(100);
+
+/// The reader's position: where to read next and when the periodic steps are due.
+struct Cursors {
+    source: Source,
+    /// When to look for entries idle on other consumers.
+    next_claim: Instant,
+    /// Where the XAUTOCLAIM scan continues.
+    claim_cursor: String,
 }
 
-/// What a read returned: entries to process, and IDs whose entries were deleted from the stream
-/// while pending (nothing left to index: they are acked).
-#[derive(Debug, Default)]
-pub struct Read {
-    pub entries: Vec<RawEntry>,
-    pub deleted: Vec<String>,
+/// Where the reader takes entries from next.
+enum Source {
+    /// This consumer's own pending entries (a restart with the same name), from this ID on.
+    OwnPending(String),
+    /// New entries.
+    New,
 }
 
-/// XGROUP CREATE ... 0 MKSTREAM: the group starts at the beginning, so documents added before
-/// the first worker ran are indexed too. An existing group is fine.
-pub async fn ensure_group(
-    conn: &mut MultiplexedConnection,
-    g: &GroupRef,
-) -> Result<bool, RedisError> {
-    let created: Result<(), RedisError> = ::redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&g.stream)
-        .arg(&g.group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(conn)
-        .await;
-    match created {
-        Ok(()) => Ok(true),
-        Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// XREADGROUP from `cursor`: ">" for new entries (delivery 1), "0" for this consumer's own
-/// pending ones (delivery counts looked up).
-pub async fn read(
-    conn: &mut MultiplexedConnection,
-    g: &GroupRef,
-    cursor: &str,
-    count: usize,
-    block: Option<Duration>,
-) -> Result<Read, RedisError> {
-    let mut cmd = ::redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
-        .arg(&g.group)
-        .arg(&g.consumer)
-        .arg("COUNT")
-        .arg(count);
-    if let Some(block) = block {
-        cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
-    }
-    cmd.arg("STREAMS").arg(&g.stream).arg(cursor);
-    let reply: Value = cmd.query_async(conn).await?;
-    let mut read = Read::default();
-    if let Value::Array(streams) | Value::Set(streams) = &reply {
-        for s in streams {
-            if let Value::Array(pair) = s {
-                if let Some(entries) = pair.get(1) {
-                    parse_entries(entries, &mut read);
-                }
+pub async fn reader(
+    ctx: Arc<Ctx>,
+    conn: MultiplexedConnection,
+    upserts: mpsc::Sender<Vec<Doc>>,
+    writes: mpsc::Sender<Vec<Write>>,
+    stop: watch::Receiver<bool>,
+    options: RunOptions,
+) -> Result<(), WorkerError> {
+    let s = &ctx.settings.stream;
+    let mut conn = Some(conn);
+    let mut cursors = Cursors {
+        source: Source::OwnPending("0".into()),
+        next_claim: Instant::now(),
+        claim_cursor: "0-0".to_string(),
+    };
+    let mut backoff = ctx.backoff();
+    // At most two reads in flight: one being embedded and written, one prefetched. Entries
+    // queued inside a live worker age in the PEL like those of a dead one, so this bound is what
+    // keeps `claim_idle` meaningful (and the SIGTERM drain short).
+    while !*stop.borrow() {
+        if !ctx.read_ahead.may_read(ctx.in_flight()) {
+            let mut stopped = stop.clone();
+            tokio::select! {
+                // A timeout, not only the notification: a wake-up between the check and the
+                // wait would otherwise be missed.
+                _ = tokio::time::timeout(Duration::from_millis(100), ctx.budget_grew.notified()) => {}
+                _ = stopped.wait_for(|s| *s) => {}
             }
+            continue;
         }
-    } else if let Value::Map(streams) = &reply {
-        for (_, entries) in streams {
-            parse_entries(entries, &mut read);
-        }
-    }
-    if cursor != ">" && !read.entries.is_empty() {
-        let counts = delivery_counts(conn, g, &read.entries).await?;
-        for e in &mut read.entries {
-            e.deliveries = counts.get(&e.id).copied().unwrap_or(1);
-        }
-    }
-    Ok(read)
-}
-
-/// XAUTOCLAIM entries idle longer than `min_idle` from any consumer, starting at `start`.
-/// Returns the cursor to continue from ("0-0" when the scan wrapped).
-pub async fn autoclaim(
-    conn: &mut MultiplexedConnection,
-    g: &GroupRef,
-    min_idle: Duration,
-    start: &str,
-    count: usize,
-) -> Result<(String, Read), RedisError> {
-    let reply: Value = ::redis::cmd("XAUTOCLAIM")
-        .arg(&g.stream)
-        .arg(&g.group)
-        .arg(&g.consumer)
-        .arg(min_idle.as_millis() as u64)
-        .arg(start)
-        .arg("COUNT")
-        .arg(count)
-        .query_async(conn)
-        .await?;
-    let mut read = Read::default();
-    let mut next = "0-0".to_string();
-    if let Value::Array(parts) = &reply {
-        if let Some(cursor) = parts.first() {
-            next = text(cursor);
-        }
-        if let Some(entries) = parts.get(1) {
-            parse_entries(entries, &mut read);
-        }
-        // Entries deleted from the stream: XAUTOCLAIM already removed them from the PEL.
-    }
-    if !read.entries.is_empty() {
-        let counts = delivery_counts(conn, g, &read.entries).await?;
-        for e in &mut read.entries {
-            e.deliveries = counts.get(&e.id).copied().unwrap_or(1);
-        }
-    }
-    Ok((next, read))
-}
-
-/// Delivery counts of `entries` (all pending on this consumer), from XPENDING's extended form.
-async fn delivery_counts(
-    conn: &mut MultiplexedConnection,
-    g: &GroupRef,
-    entries: &[RawEntry],
-) -> Result<HashMap<String, u64>, RedisError> {
-    let first = &entries.first().expect("called with entries").id;
-    let last = &entries.last().expect("called with entries").id;
-    let reply: Value = ::redis::cmd("XPENDING")
-        .arg(&g.stream)
-        .arg(&g.group)
-        .arg(first)
-        .arg(last)
-        .arg(entries.len() * 2 + 16)
-        .arg(&g.consumer)
-        .query_async(conn)
-        .await?;
-    let mut counts = HashMap::new();
-    if let Value::Array(rows) = reply {
-        for row in rows {
-            if let Value::Array(cols) = row {
-                if let (Some(id), Some(Value::Int(n))) = (cols.first(), cols.get(3)) {
-                    counts.insert(text(id), *n as u64);
-                }
-            }
-        }
-    }
-    Ok(counts)
-}
-
-/// Group summary: (pending entries, lag) where lag is entries not yet delivered to the group
-/// (None when Redis cannot tell).
-pub async fn group_state(
-    conn: &mut MultiplexedConnection,
-    g: &GroupRef,
-) -> Result<(u64, Option<u64>), RedisError> {
-    let reply: Value = ::redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(&g.stream)
-        .query_async(conn)
-        .await?;
-    if let Value::Array(groups) = reply {
-        for group in groups {
-            let kv = crate::redis::index::pairs(&group);
-            let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-            if get("name").map(|v| text(&v)).as_deref() == Some(g.group.as_str()) {
-                let pending = match get("pending") {
-                    Some(Value::Int(n)) => n as u64,
-                    _ => 0,
-                };
-                let lag = match get("lag") {
-                    Some(Value::Int(n)) => Some(n as u64),
-                    _ => None,
-                };
-                return Ok((pending, lag));
-            }
-        }
-    }
-    Ok((0, None))
-}
-
-/// Deletes consumers idle longer than `idle` that own no pending entries (never this one).
-pub async fn delete_idle_consumers(
-    conn: &mut MultiplexedConnection,
-    g: &GroupRef,
-    idle: Duration,
-) -> Result<Vec<String>, RedisError> {
-    let reply: Value = ::redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg(&g.stream)
-        .arg(&g.group)
-        .query_async(conn)
-        .await?;
-    let mut deleted = Vec::new();
-    if let Value::Array(consumers) = reply {
-        for c in consumers {
-            let kv = crate::redis::index::pairs(&c);
-            let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
-            let name = get("name").map(|v| text(&v)).unwrap_or_default();
-            let pending = matches!(get("pending"), Some(Value::Int(n)) if n > 0);
-            let idle_ms = match get("idle") {
-                Some(Value::Int(n)) => n as u64,
-                _ => 0,
-            };
-            if name != g.consumer && !pending && idle_ms > idle.as_millis() as u64 {
-                // DELCONSUMER returns the pending count it dropped; re-check it is zero.
-                let dropped: i64 = ::redis::cmd("XGROUP")
-                    .arg("DELCONSUMER")
-                    .arg(&g.stream)
-                    .arg(&g.group)
-                    .arg(&name)
-                    .query_async(conn)
-                    .await?;
-                if dropped > 0 {
-                    // It came back to life between XINFO and DELCONSUMER (it would have to be
-                    // idle for `idle` first, so this needs a consumer paused that long). Its
-                    // entries are still in the stream but no longer pending: say so loudly.
-                    tracing::error!(consumer = %name, dropped, "deleted a consumer that had just taken entries; they are no longer pending and need re-adding");
-                }
-                deleted.push(name);
-            }
-        }
-    }
-    Ok(deleted)
-}
-
-fn parse_entries(entries: &Value, read: &mut Read) {
-    let Value::Array(list) = entries else { return };
-    for item in list {
-        let Value::Array(parts) = item else { continue };
-        let Some(id) = parts.first().map(text) else {
+        let Some(c) = conn.as_mut() else {
+            // Blocking reads need replies to outlive the BLOCK time.
+            conn = ctx
+                .connect_with_retry(&stop, s.block + ctx.settings.batch.max_wait)
+                .await?;
             continue;
         };
-        match parts.get(1) {
-            Some(Value::Array(kv)) => {
-                let fields = kv
-                    .chunks(2)
-                    .filter(|c| c.len() == 2)
-                    .map(|c| (bytes(&c[0]), bytes(&c[1])))
-                    .collect();
-                read.entries.push(RawEntry {
-                    id,
-                    fields,
-                    deliveries: 1,
-                });
+        let (read, from_new) = match read_step(&ctx, c, &mut cursors, options).await {
+            Ok(r) => r,
+            Err(e) => {
+                let e = ctx.store.error(e);
+                if !ctx.transient(&e) {
+                    return Err(e.into());
+                }
+                conn = None;
+                if !sleep_unless_stopped(backoff.next_delay(), &stop).await {
+                    break;
+                }
+                continue;
             }
-            Some(Value::Map(kv)) => {
-                let fields = kv.iter().map(|(k, v)| (bytes(k), bytes(v))).collect();
-                read.entries.push(RawEntry {
-                    id,
-                    fields,
-                    deliveries: 1,
-                });
+        };
+        backoff.reset();
+        if read.entries.is_empty() && read.deleted.is_empty() {
+            if options.drain && from_new && ctx.in_flight() == 0 {
+                match stream::group_info(c, &ctx.group.stream, &ctx.group.group).await {
+                    Ok(Some(g)) if g.pending == 0 && g.lag.unwrap_or(0) == 0 => {
+                        tracing::info!("drained: nothing new or pending");
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not read group state"),
+                }
             }
-            // A pending entry whose stream entry was deleted or trimmed.
-            _ => read.deleted.push(id),
+            continue;
+        }
+        ctx.took(read.entries.len() + read.deleted.len());
+        let (docs, rest) = route(&ctx, read);
+        if !rest.is_empty() && writes.send(rest).await.is_err() {
+            break;
+        }
+        if !docs.is_empty() && upserts.send(docs).await.is_err() {
+            break;
         }
     }
+    Ok(())
 }
 
-fn bytes(v: &Value) -> Vec<u8> {
-    match v {
-        Value::BulkString(b) => b.clone(),
-        other => text(other).into_bytes(),
+/// One read's ops, newest per document: upserts (to embed) apart from the rest (to write).
+fn route(ctx: &Ctx, read: Read) -> (Vec<Doc>, Vec<Write>) {
+    let mut ops: Vec<Op> = read
+        .entries
+        .into_iter()
+        .map(|raw| entry::parse(raw, &ctx.rules))
+        .collect();
+    ops.extend(read.deleted.iter().map(|id| {
+        Op::AckOnly(AckOnly {
+            why: AckWhy::DeletedFromStream,
+            done: Completion::new(id),
+        })
+    }));
+    let mut docs = Vec::new();
+    let mut rest = Vec::new();
+    for op in op::collapse(ops) {
+        match op {
+            Op::Upsert(doc) => docs.push(doc),
+            Op::Delete(d) => rest.push(Write::Delete(d)),
+            Op::DeadLetter(d) => {
+                // Logged once, at warn, when the dead letter is written.
+                tracing::debug!(entry = %d.entry.id, reason = %d.reason, detail = %d.detail, "rejected entry");
+                rest.push(Write::DeadLetter(d));
+            }
+            Op::AckOnly(a) => rest.push(Write::AckOnly(a)),
+        }
     }
+    (docs, rest)
+}
+
+/// One read: own pending first, then due claims, then new entries (topped up for `max_wait`).
+/// Returns what was read and whether it came from the new-entries read.
+async fn read_step(
+    ctx: &Ctx,
+    conn: &mut MultiplexedConnection,
+    cursors: &mut Cursors,
+    options: RunOptions,
+) -> Result<(Read, bool), ::redis::RedisError> {
+    let s = &ctx.settings.stream;
+    let g = &ctx.group;
+    let Cursors {
+        source,
+        next_claim,
+        claim_cursor,
+    } = cursors;
+    let idle_drain = options.drain && ctx.in_flight() == 0;
+    let count = ctx.read_ahead.count();
+    // The lag and pending gauges are kept current by observe::probe, once a second.
+    if let Source::OwnPending(from) = source {
+        let read = stream::read(conn, g, from, count, None).await?;
+        match read
+            .entries
+            .last()
+            .map(|e| e.id.clone())
+            .or_else(|| read.deleted.last().cloned())
+        {
+            Some(last) => {
+                *from = last;
+                tracing::info!(
+                    entries = read.entries.len(),
+                    "resuming this consumer's pending entries"
+                );
+                return Ok((read, false));
+            }
+            None => *source = Source::New,
+        }
+    }
+    if Instant::now() >= *next_claim || idle_drain {
+        let (cursor, read) = stream::autoclaim(conn, g, s.claim_idle, claim_cursor, count).await?;
+        let wrapped = cursor == "0-0";
+        *claim_cursor = cursor;
+        if wrapped {
+            *next_claim = Instant::now() + s.claim_interval;
+            match stream::delete_idle_consumers(conn, g, s.consumer_idle_delete).await {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!(consumers = ?gone, "deleted idle consumers")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not clean up idle consumers"),
+            }
+        }
+        if !read.entries.is_empty() || !read.deleted.is_empty() {
+            tracing::info!(
+                entries = read.entries.len(),
+                "claimed entries idle on other consumers"
+            );
+            return Ok((read, false));
+        }
+    }
+    // Draining, an empty stream is the signal to finish: a short block keeps that from costing
+    // a whole `block` at the end of every backfill.
+    let block = if options.drain {
+        s.block.min(DRAIN_BLOCK)
+    } else {
+        s.block
+    };
+    let mut read = stream::read(conn, g, ">", count, Some(block)).await?;
+    let wait = ctx.settings.batch.max_wait;
+    if !read.entries.is_empty()
+        && read.entries.len() < ctx.settings.batch.max_docs
+        && !wait.is_zero()
+    {
+        // A short read: give batch-mates `max_wait` to arrive, so a trickle still batches.
+        let more = stream::read(
+            conn,
+            g,
+            ">",
+            count - read.entries.len().min(count - 1),
+            Some(wait),
+        )
+        .await?;
+        read.entries.extend(more.entries);
+        read.deleted.extend(more.deleted);
+    }
+    Ok((read, true))
 }

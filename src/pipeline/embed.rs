@@ -1,62 +1,61 @@
-//! The embed stage: tokenise a window of documents (off the async workers), cut it into
-//! length-aware batches, run each through the model thread. A batch the model rejects is split
-//! in halves until the culprit is alone; only it is dead-lettered.
+//! The embed stage: takes every tokenised read that queued while the model was busy, cuts them
+//! into length-aware batches (the one place batches are cut, [`batch::plan`](super::batch::plan)),
+//! and runs each through the model thread. A batch the model rejects is split in halves until
+//! the culprit is alone; only it is dead-lettered.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::sync::mpsc;
+
 use super::batch::{padded_tokens, plan, BatchLimits};
-use super::entry::{DeadReason, Doc};
-use super::write::DeadLetter;
-use crate::model::{Encoded, ModelError, ModelHandle, TextTokenizer};
+use super::entry::DeadReason;
+use super::op::{Embedded, Write};
+use super::shared::Ctx;
+use super::tokenize::Tokenized;
+use super::WorkerError;
+use crate::model::{Encoded, Model, ModelError, ModelHandle};
 use crate::observe::metrics::{Metrics, Stage};
 
-/// Documents with their token ids, in the order the batcher chose.
-pub struct Tokenized {
-    pub docs: Vec<Doc>,
-    pub encoded: Vec<Encoded>,
-}
-
-/// Tokenises texts on the blocking pool. A text the tokenizer refuses is dead-lettered.
-pub async fn tokenize(
-    tokenizer: Arc<TextTokenizer>,
-    docs: Vec<Doc>,
-    metrics: Arc<Metrics>,
-) -> (Tokenized, Vec<DeadLetter>) {
-    tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let mut out = Tokenized {
-            docs: Vec::with_capacity(docs.len()),
-            encoded: Vec::with_capacity(docs.len()),
-        };
-        let mut dead = Vec::new();
-        for doc in docs {
-            match tokenizer.encode_one(&doc.text) {
-                Ok(enc) => {
-                    out.docs.push(doc);
-                    out.encoded.push(enc);
-                }
-                Err(e) => dead.push(DeadLetter {
-                    entry: doc.entry,
-                    reason: DeadReason::ModelError,
-                    detail: e.to_string(),
-                }),
+pub async fn embedder(
+    ctx: Arc<Ctx>,
+    model: Model,
+    mut reads: mpsc::Receiver<Tokenized>,
+    writes: mpsc::Sender<Vec<Write>>,
+) -> Result<(), WorkerError> {
+    let limits = BatchLimits::from_settings(&ctx.settings.batch);
+    while let Some(first) = reads.recv().await {
+        // Reads that queued while the model was busy are planned together: under a steady
+        // trickle they are small, and one fuller call instead of several small ones is what
+        // lets the queue drain (each call has a fixed cost).
+        let mut queued = vec![first];
+        while let Ok(more) = reads.try_recv() {
+            queued.push(more);
+        }
+        for batch in batches(queued, limits) {
+            let done = embed_batch(&model.handle, batch, &ctx.metrics).await?;
+            if writes.send(done).await.is_err() {
+                return Ok(());
             }
         }
-        metrics.stage(Stage::Tokenize, started.elapsed());
-        (out, dead)
-    })
-    .await
-    .expect("tokenising never panics on input; a panic here is a bug worth crashing for")
+    }
+    Ok(())
 }
 
-/// Splits a tokenised window into batches under the limits.
-pub fn batches(t: Tokenized, limits: BatchLimits) -> Vec<Tokenized> {
-    let lengths: Vec<usize> = t.encoded.iter().map(Encoded::len).collect();
-    let plan = plan(&lengths, limits);
-    let mut docs: Vec<Option<Doc>> = t.docs.into_iter().map(Some).collect();
-    let mut encoded: Vec<Option<Encoded>> = t.encoded.into_iter().map(Some).collect();
-    plan.into_iter()
+/// Cuts tokenised reads into batches under the limits.
+pub fn batches(reads: Vec<Tokenized>, limits: BatchLimits) -> Vec<Tokenized> {
+    let mut docs = Vec::new();
+    let mut encoded = Vec::new();
+    for t in reads {
+        docs.extend(t.docs.into_iter().map(Some));
+        encoded.extend(t.encoded.into_iter().map(Some));
+    }
+    let lengths: Vec<usize> = encoded
+        .iter()
+        .map(|e| e.as_ref().map_or(0, Encoded::len))
+        .collect();
+    plan(&lengths, limits)
+        .into_iter()
         .map(|idx| Tokenized {
             docs: idx
                 .iter()
@@ -70,31 +69,14 @@ pub fn batches(t: Tokenized, limits: BatchLimits) -> Vec<Tokenized> {
         .collect()
 }
 
-/// Plans several batches again as one window (a single batch is returned as it is).
-pub fn replan(queued: Vec<Tokenized>, limits: BatchLimits) -> Vec<Tokenized> {
-    if queued.len() < 2 {
-        return queued;
-    }
-    let mut all = Tokenized {
-        docs: Vec::new(),
-        encoded: Vec::new(),
-    };
-    for t in queued {
-        all.docs.extend(t.docs);
-        all.encoded.extend(t.encoded);
-    }
-    batches(all, limits)
-}
-
-/// Embeds one batch. Returns the embedded documents and the ones the model failed on alone.
-/// A fatal model error (the thread is gone) is returned as an error: the worker stops.
+/// Embeds one batch: each document as an upsert with its vector, or, when the model failed on
+/// it alone, as a dead letter. A fatal model error (the thread is gone) stops the worker.
 pub async fn embed_batch(
     model: &ModelHandle,
     batch: Tokenized,
     metrics: &Metrics,
-) -> Result<(Vec<(Doc, Vec<f32>)>, Vec<DeadLetter>), ModelError> {
-    let mut done = Vec::with_capacity(batch.docs.len());
-    let mut dead = Vec::new();
+) -> Result<Vec<Write>, ModelError> {
+    let mut out = Vec::with_capacity(batch.docs.len());
     // Work list of sub-batches; a failing one is split until single documents remain.
     let mut work = vec![batch];
     while let Some(b) = work.pop() {
@@ -110,7 +92,12 @@ pub async fn embed_batch(
             Ok(vectors) => {
                 metrics.stage(Stage::Model, started.elapsed());
                 metrics.embedded(vectors.len());
-                done.extend(b.docs.into_iter().zip(vectors));
+                out.extend(
+                    b.docs
+                        .into_iter()
+                        .zip(vectors)
+                        .map(|(doc, vector)| Write::Upsert(Embedded { doc, vector })),
+                );
             }
             Err(e) if e.is_fatal() => return Err(e),
             Err(e) => {
@@ -118,11 +105,9 @@ pub async fn embed_batch(
                 if b.docs.len() == 1 {
                     let doc = b.docs.into_iter().next().expect("len is 1");
                     tracing::debug!(entry = %doc.entry.id, error = %e, "model failed on this document alone");
-                    dead.push(DeadLetter {
-                        entry: doc.entry,
-                        reason: DeadReason::ModelError,
-                        detail: e.to_string(),
-                    });
+                    out.push(Write::DeadLetter(
+                        doc.into_dead_letter(DeadReason::ModelError, e.to_string()),
+                    ));
                 } else {
                     tracing::warn!(docs = b.docs.len(), error = %e, "model failed on a batch; splitting it to isolate the culprit");
                     let Tokenized {
@@ -140,25 +125,34 @@ pub async fn embed_batch(
             }
         }
     }
-    Ok((done, dead))
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::entry::RawEntry;
+    use crate::pipeline::entry::{parse, EntryRules};
+    use crate::pipeline::op::Op;
+    use crate::store::stream::RawEntry;
 
     fn tokenized(lengths: &[usize], first_id: usize) -> Tokenized {
+        let s = crate::settings::Settings::load_from(None, Vec::new()).unwrap();
+        let rules = EntryRules::from_settings(&s);
         let docs = (0..lengths.len())
-            .map(|i| Doc {
-                entry: RawEntry {
-                    id: format!("{}-0", first_id + i),
-                    fields: Vec::new(),
+            .map(|i| {
+                let id = (first_id + i).to_string();
+                let raw = RawEntry {
+                    id: format!("{id}-0"),
+                    fields: vec![
+                        (b"id".to_vec(), id.into_bytes()),
+                        (b"content".to_vec(), b"x".to_vec()),
+                    ],
                     deliveries: 1,
-                },
-                key: format!("doc:{}", first_id + i),
-                text: "x".into(),
-                id_field: b"id".to_vec(),
+                };
+                match parse(raw, &rules) {
+                    Op::Upsert(d) => d,
+                    other => panic!("{other:?}"),
+                }
             })
             .collect();
         let encoded = lengths
@@ -172,7 +166,7 @@ mod tests {
     }
 
     #[test]
-    fn queued_small_batches_become_one_call_and_lose_nothing() {
+    fn queued_reads_are_planned_together_and_lose_nothing() {
         let limits = BatchLimits {
             max_docs: 32,
             max_tokens: 2048,
@@ -182,7 +176,7 @@ mod tests {
             tokenized(&[21], 2),
             tokenized(&[19, 25], 3),
         ];
-        let out = replan(queued, limits);
+        let out = batches(queued, limits);
         assert_eq!(out.len(), 1, "five short texts fit one call");
         let mut keys: Vec<&str> = out[0].docs.iter().map(|d| d.key.as_str()).collect();
         keys.sort();
@@ -192,7 +186,12 @@ mod tests {
             let want = [20, 22, 21, 19, 25][d.key[4..].parse::<usize>().unwrap()];
             assert_eq!(e.len(), want, "{}", d.key);
         }
-        // One batch passes through as it is.
-        assert_eq!(replan(vec![tokenized(&[300], 9)], limits).len(), 1);
+        // A read longer than one batch is cut by length.
+        let out = batches(vec![tokenized(&[300, 5, 300, 6], 9)], limits);
+        let sizes: Vec<usize> = out.iter().map(|b| b.docs.len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 4);
+        assert!(out.iter().all(
+            |b| padded_tokens(b.encoded.iter().map(Encoded::len)) <= 2048 || b.docs.len() == 1
+        ));
     }
 }

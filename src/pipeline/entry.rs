@@ -1,7 +1,12 @@
-//! A stream entry becomes a document to embed, or a rejection with a reason.
-//! Pure and total: any bytes from the outside world map to one of the two, never a panic.
+//! A stream entry becomes an [`Op`]: an upsert to embed, a delete, or a dead letter with a
+//! reason. Pure and total: any bytes from the outside world map to one of them, never a panic.
 
 use std::fmt;
+use std::sync::Arc;
+
+use super::op::{Completion, DeadLetter, Delete, Op};
+use crate::store::documents::{EntryId, Version, BOOKKEEPING_FIELDS};
+pub use crate::store::stream::RawEntry;
 
 /// Why an entry can never be indexed. Each becomes a dead letter (then an ack).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -16,23 +21,29 @@ pub enum DeadReason {
     TextTooLong,
     /// The id is empty, too long, not UTF-8, or holds characters that make keys ambiguous.
     InvalidId,
-    /// A field would overwrite the vector field.
+    /// The op field is neither "upsert" nor "delete".
+    InvalidOp,
+    /// The version field is not a non-negative integer below 2^63, or the entry ID is not one.
+    InvalidVersion,
+    /// A field would overwrite the vector field or a bookkeeping field.
     ReservedField,
     /// Delivered more than `stream.max_deliveries` times without success.
     MaxDeliveries,
     /// The model failed on this document alone (after the batch was split to isolate it).
     ModelError,
-    /// Redis refused the hash write for this document alone (e.g. the key holds another type).
+    /// Redis refused the write for this document alone (e.g. the key holds another type).
     WriteError,
 }
 
 impl DeadReason {
-    pub const ALL: [DeadReason; 9] = [
+    pub const ALL: [DeadReason; 11] = [
         DeadReason::MissingText,
         DeadReason::InvalidUtf8,
         DeadReason::EmptyText,
         DeadReason::TextTooLong,
         DeadReason::InvalidId,
+        DeadReason::InvalidOp,
+        DeadReason::InvalidVersion,
         DeadReason::ReservedField,
         DeadReason::MaxDeliveries,
         DeadReason::ModelError,
@@ -47,6 +58,8 @@ impl DeadReason {
             DeadReason::EmptyText => "empty_text",
             DeadReason::TextTooLong => "text_too_long",
             DeadReason::InvalidId => "invalid_id",
+            DeadReason::InvalidOp => "invalid_op",
+            DeadReason::InvalidVersion => "invalid_version",
             DeadReason::ReservedField => "reserved_field",
             DeadReason::MaxDeliveries => "max_deliveries",
             DeadReason::ModelError => "model_error",
@@ -61,47 +74,38 @@ impl fmt::Display for DeadReason {
     }
 }
 
-/// A raw stream entry: its ID and field/value pairs, bytes as Redis gave them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawEntry {
-    pub id: String,
-    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
-    /// How often the group has delivered it (1 on a first read).
-    pub deliveries: u64,
-}
-
-/// A document ready to embed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A document version ready to embed.
+#[derive(Debug)]
 pub struct Doc {
     /// The entry as read (kept whole so a failure later can dead-letter it unchanged).
     pub entry: RawEntry,
-    /// The hash key: prefix + id.
+    /// The document key: prefix + id.
     pub key: String,
     pub text: String,
-    /// The id field's name: every field but this one is copied into the hash.
-    pub id_field: Vec<u8>,
+    pub version: Version,
+    /// The control fields (id, op, version): every other field is stored in the document.
+    control: Arc<[Vec<u8>; 3]>,
+    pub done: Completion,
 }
 
 impl Doc {
-    pub fn entry_id(&self) -> &str {
-        &self.entry.id
-    }
-
-    /// Fields copied into the hash beside the vector: all but the id field.
-    pub fn hash_fields(&self) -> impl Iterator<Item = &(Vec<u8>, Vec<u8>)> {
+    /// The fields stored in the document beside the vector: all but the control fields, as given.
+    pub fn stored_fields(&self) -> impl Iterator<Item = &(Vec<u8>, Vec<u8>)> {
         self.entry
             .fields
             .iter()
-            .filter(|(k, _)| *k != self.id_field)
+            .filter(|(k, _)| !self.control.contains(k))
     }
-}
 
-/// An entry that goes to the dead-letter stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejected {
-    pub entry: RawEntry,
-    pub reason: DeadReason,
-    pub detail: String,
+    /// As a dead letter (the model or Redis refused it alone).
+    pub fn into_dead_letter(self, reason: DeadReason, detail: String) -> DeadLetter {
+        DeadLetter {
+            entry: self.entry,
+            reason,
+            detail,
+            done: self.done,
+        }
+    }
 }
 
 /// The rules an entry is checked against (from the settings).
@@ -109,88 +113,152 @@ pub struct Rejected {
 pub struct EntryRules {
     pub text_field: String,
     pub id_field: String,
+    pub op_field: String,
+    pub version_field: String,
     pub vector_field: String,
     pub prefix: String,
     pub max_text_bytes: usize,
     pub max_id_bytes: usize,
     pub max_deliveries: u64,
+    control: Arc<[Vec<u8>; 3]>,
 }
 
 impl EntryRules {
     pub fn from_settings(s: &crate::settings::Settings) -> Self {
+        let st = &s.stream;
         Self {
-            text_field: s.stream.text_field.clone(),
-            id_field: s.stream.id_field.clone(),
+            text_field: st.text_field.clone(),
+            id_field: st.id_field.clone(),
+            op_field: st.op_field.clone(),
+            version_field: st.version_field.clone(),
             vector_field: s.index.vector_field.clone(),
             prefix: s.index.prefix.clone(),
-            max_text_bytes: s.stream.max_text_bytes,
-            max_id_bytes: s.stream.max_id_bytes,
-            max_deliveries: s.stream.max_deliveries,
+            max_text_bytes: st.max_text_bytes,
+            max_id_bytes: st.max_id_bytes,
+            max_deliveries: st.max_deliveries,
+            control: Arc::new([
+                st.id_field.clone().into_bytes(),
+                st.op_field.clone().into_bytes(),
+                st.version_field.clone().into_bytes(),
+            ]),
         }
     }
 }
 
 /// Characters an id may not hold: whitespace and controls (invisible, ambiguous in logs and
 /// tools) and glob metacharacters (an id like `*` would turn `KEYS`/`SCAN MATCH prefix+id` and
-/// ACL key patterns into wildcards).
+/// ACL key patterns into wildcards; braces would make a hash tag).
 fn bad_id_char(c: char) -> bool {
     c.is_whitespace() || c.is_control() || matches!(c, '*' | '?' | '[' | ']' | '\\' | '{' | '}')
 }
 
+/// The largest producer version accepted: every client's integer type holds it.
+const MAX_VERSION: u64 = i64::MAX as u64;
+
 /// Decides what becomes of one entry.
-pub fn parse(entry: RawEntry, rules: &EntryRules) -> Result<Doc, Rejected> {
-    let reject = |entry: RawEntry, reason: DeadReason, detail: String| {
-        Err(Rejected {
+pub fn parse(entry: RawEntry, rules: &EntryRules) -> Op {
+    match check(&entry, rules) {
+        Ok(Checked::Upsert { key, text, version }) => Op::Upsert(Doc {
+            done: Completion::new(&entry.id),
+            key,
+            text,
+            version,
+            control: rules.control.clone(),
+            entry,
+        }),
+        Ok(Checked::Delete { key, version }) => Op::Delete(Delete {
+            done: Completion::new(&entry.id),
+            key,
+            version,
+            entry,
+        }),
+        Err((reason, detail)) => Op::DeadLetter(DeadLetter {
+            done: Completion::new(&entry.id),
             entry,
             reason,
             detail,
-        })
-    };
-    if entry.deliveries > rules.max_deliveries {
-        let detail = format!(
-            "delivered {} times (max {})",
-            entry.deliveries, rules.max_deliveries
-        );
-        return reject(entry, DeadReason::MaxDeliveries, detail);
+        }),
     }
-    // A stream entry may repeat a field name; HSET keeps the last value, so read the last one
-    // too: the text embedded is then the text stored beside the vector.
-    let find = |name: &str| {
-        entry
-            .fields
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name.as_bytes())
-            .map(|(_, v)| v)
-    };
-    let text = match find(&rules.text_field) {
+}
+
+/// The value of field `name`. A stream entry may repeat a field name; HSET keeps the last
+/// value, so this reads the last one too: the text embedded is then the text stored.
+fn find<'a>(entry: &'a RawEntry, name: &str) -> Option<&'a Vec<u8>> {
+    entry
+        .fields
+        .iter()
+        .rev()
+        .find(|(k, _)| k == name.as_bytes())
+        .map(|(_, v)| v)
+}
+
+fn checked_text(entry: &RawEntry, rules: &EntryRules) -> Result<String, (DeadReason, String)> {
+    let text = match find(entry, &rules.text_field) {
         None => {
             let detail = format!("no {:?} field", rules.text_field);
-            return reject(entry, DeadReason::MissingText, detail);
+            return Err((DeadReason::MissingText, detail));
         }
         Some(bytes) if bytes.len() > rules.max_text_bytes => {
             let detail = format!("{} bytes (max {})", bytes.len(), rules.max_text_bytes);
-            return reject(entry, DeadReason::TextTooLong, detail);
+            return Err((DeadReason::TextTooLong, detail));
         }
         Some(bytes) => match std::str::from_utf8(bytes) {
             Ok(t) => t.to_string(),
             Err(e) => {
                 let detail = format!("{:?} field is not UTF-8: {e}", rules.text_field);
-                return reject(entry, DeadReason::InvalidUtf8, detail);
+                return Err((DeadReason::InvalidUtf8, detail));
             }
         },
     };
     if text.trim().is_empty() {
-        return reject(
-            entry,
-            DeadReason::EmptyText,
-            "text is empty or whitespace".into(),
-        );
+        return Err((DeadReason::EmptyText, "text is empty or whitespace".into()));
     }
+    Ok(text)
+}
+
+enum Checked {
+    Upsert {
+        key: String,
+        text: String,
+        version: Version,
+    },
+    Delete {
+        key: String,
+        version: Version,
+    },
+}
+
+fn check(entry: &RawEntry, rules: &EntryRules) -> Result<Checked, (DeadReason, String)> {
+    if entry.deliveries > rules.max_deliveries {
+        let detail = format!(
+            "delivered {} times (max {})",
+            entry.deliveries, rules.max_deliveries
+        );
+        return Err((DeadReason::MaxDeliveries, detail));
+    }
+    let find = |name: &str| find(entry, name);
+    let delete = match find(&rules.op_field).map(|v| v.as_slice()) {
+        None | Some(b"upsert") => false,
+        Some(b"delete") => true,
+        Some(other) => {
+            let shown = String::from_utf8_lossy(&other[..other.len().min(64)]).into_owned();
+            let detail = format!(
+                "{:?} field {shown:?} must be \"upsert\" or \"delete\"",
+                rules.op_field
+            );
+            return Err((DeadReason::InvalidOp, detail));
+        }
+    };
+    // A delete needs only the id; an upsert's text is checked first.
+    let text = if delete {
+        String::new()
+    } else {
+        checked_text(entry, rules)?
+    };
     let id = match find(&rules.id_field) {
         None => entry.id.clone(),
         Some(bytes) => match std::str::from_utf8(bytes) {
-            Err(_) => return reject(entry, DeadReason::InvalidId, "id is not UTF-8".into()),
+            Err(_) => return Err((DeadReason::InvalidId, "id is not UTF-8".into())),
             Ok(id) => id.to_string(),
         },
     };
@@ -200,22 +268,47 @@ pub fn parse(entry: RawEntry, rules: &EntryRules) -> Result<Doc, Rejected> {
             "id {shown:?} must be 1..={} bytes without whitespace, control characters or any of *?[]\\{{}}",
             rules.max_id_bytes
         );
-        return reject(entry, DeadReason::InvalidId, detail);
+        return Err((DeadReason::InvalidId, detail));
     }
-    if entry
-        .fields
-        .iter()
-        .any(|(k, _)| k == rules.vector_field.as_bytes())
-    {
-        let detail = format!("field {:?} is reserved for the vector", rules.vector_field);
-        return reject(entry, DeadReason::ReservedField, detail);
+    let producer = match find(&rules.version_field) {
+        None => 0,
+        Some(bytes) => match std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|t| t.parse::<u64>().ok())
+        {
+            Some(v) if v <= MAX_VERSION && !bytes.starts_with(b"+") => v,
+            _ => {
+                let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(64)]).into_owned();
+                let detail = format!(
+                    "{:?} field {shown:?} must be an integer from 0 to {MAX_VERSION}",
+                    rules.version_field
+                );
+                return Err((DeadReason::InvalidVersion, detail));
+            }
+        },
+    };
+    let Some(entry_id) = EntryId::parse(&entry.id) else {
+        return Err((
+            DeadReason::InvalidVersion,
+            format!("entry ID {:?} is not <ms>-<seq>", entry.id),
+        ));
+    };
+    let version = Version {
+        producer,
+        entry: entry_id,
+    };
+    let key = format!("{}{}", rules.prefix, id);
+    if delete {
+        return Ok(Checked::Delete { key, version });
     }
-    Ok(Doc {
-        key: format!("{}{}", rules.prefix, id),
-        text,
-        id_field: rules.id_field.as_bytes().to_vec(),
-        entry,
-    })
+    let reserved = std::iter::once(rules.vector_field.as_str()).chain(BOOKKEEPING_FIELDS);
+    for name in reserved {
+        if entry.fields.iter().any(|(k, _)| k == name.as_bytes()) {
+            let detail = format!("field {name:?} is reserved for the worker's own use");
+            return Err((DeadReason::ReservedField, detail));
+        }
+    }
+    Ok(Checked::Upsert { key, text, version })
 }
 
 #[cfg(test)]
@@ -224,14 +317,26 @@ mod tests {
     use proptest::prelude::*;
 
     fn rules() -> EntryRules {
-        EntryRules {
-            text_field: "content".into(),
-            id_field: "id".into(),
-            vector_field: "embedding".into(),
-            prefix: "doc:".into(),
-            max_text_bytes: 100,
-            max_id_bytes: 16,
-            max_deliveries: 3,
+        let env = [
+            ("EMBED_WORKER__STREAM__MAX_TEXT_BYTES", "100"),
+            ("EMBED_WORKER__STREAM__MAX_ID_BYTES", "16"),
+            ("EMBED_WORKER__STREAM__MAX_DELIVERIES", "3"),
+        ];
+        let env = env.map(|(k, v)| (k.to_string(), v.to_string()));
+        EntryRules::from_settings(&crate::settings::Settings::load_from(None, env).unwrap())
+    }
+
+    fn doc(e: RawEntry) -> Doc {
+        match parse(e, &rules()) {
+            Op::Upsert(d) => d,
+            other => panic!("not an upsert: {other:?}"),
+        }
+    }
+
+    fn dead(e: RawEntry) -> DeadLetter {
+        match parse(e, &rules()) {
+            Op::DeadLetter(d) => d,
+            other => panic!("not a dead letter: {other:?}"),
         }
     }
 
@@ -247,19 +352,23 @@ mod tests {
     }
 
     fn reason(e: RawEntry) -> DeadReason {
-        parse(e, &rules()).unwrap_err().reason
+        dead(e).reason
     }
 
     #[test]
     fn docs_contract() {
-        let doc = parse(
-            entry(&[(b"id", b"0"), (b"content", b"hi"), (b"genre", b"persons")]),
-            &rules(),
-        )
-        .unwrap();
+        let doc = doc(entry(&[
+            (b"id", b"0"),
+            (b"content", b"hi"),
+            (b"genre", b"persons"),
+            (b"op", b"upsert"),
+            (b"version", b"7"),
+        ]));
         assert_eq!(doc.key, "doc:0");
         assert_eq!(doc.text, "hi");
-        let fields: Vec<_> = doc.hash_fields().cloned().collect();
+        assert_eq!(doc.version.producer, 7);
+        assert_eq!(doc.version.entry.to_string(), "1-0");
+        let fields: Vec<_> = doc.stored_fields().cloned().collect();
         assert_eq!(
             fields,
             vec![
@@ -267,8 +376,28 @@ mod tests {
                 (b"genre".to_vec(), b"persons".to_vec())
             ]
         );
-        let no_id = parse(entry(&[(b"content", b"hi")]), &rules()).unwrap();
+        let no_id = super::tests::doc(entry(&[(b"content", b"hi")]));
         assert_eq!(no_id.key, "doc:1-0");
+        assert_eq!(
+            no_id.version.producer, 0,
+            "no version field: XADD order alone"
+        );
+    }
+
+    #[test]
+    fn a_delete_needs_only_the_id() {
+        match parse(entry(&[(b"id", b"7"), (b"op", b"delete")]), &rules()) {
+            Op::Delete(d) => {
+                assert_eq!(d.key, "doc:7");
+                assert_eq!(d.done.entry_id(), "1-0");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A delete without an id deletes the document named by its entry ID, like an upsert.
+        assert!(matches!(
+            parse(entry(&[(b"op", b"delete")]), &rules()),
+            Op::Delete(d) if d.key == "doc:1-0"
+        ));
     }
 
     #[test]
@@ -276,7 +405,28 @@ mod tests {
         let long_text = [b'a'; 101];
         let long_id = [b'a'; 17];
         type Fields<'a> = &'a [(&'a [u8], &'a [u8])];
-        let cases: [(Fields, DeadReason); 11] = [
+        let cases: [(Fields, DeadReason); 17] = [
+            (
+                &[(b"content", b"x"), (b"op", b"remove")],
+                DeadReason::InvalidOp,
+            ),
+            (&[(b"op", b"DELETE")], DeadReason::InvalidOp),
+            (
+                &[(b"content", b"x"), (b"version", b"-1")],
+                DeadReason::InvalidVersion,
+            ),
+            (
+                &[(b"op", b"delete"), (b"version", b"1.5")],
+                DeadReason::InvalidVersion,
+            ),
+            (
+                &[(b"content", b"x"), (b"version", b"9223372036854775808")],
+                DeadReason::InvalidVersion,
+            ),
+            (
+                &[(b"content", b"x"), (b"__ew_entry", b"1-0")],
+                DeadReason::ReservedField,
+            ),
             (&[(b"id", b"1")], DeadReason::MissingText),
             (&[(b"content", b"\xff\xfe")], DeadReason::InvalidUtf8),
             (&[(b"content", b" \t\n")], DeadReason::EmptyText),
@@ -312,16 +462,12 @@ mod tests {
     #[test]
     fn a_repeated_text_field_embeds_what_the_hash_stores() {
         // HSET keeps the last value of a repeated field; the embedded text must be that one.
-        let doc = parse(
-            entry(&[
-                (b"content", b"first"),
-                (b"id", b"a"),
-                (b"content", b"last"),
-                (b"id", b"b"),
-            ]),
-            &rules(),
-        )
-        .unwrap();
+        let doc = doc(entry(&[
+            (b"content", b"first"),
+            (b"id", b"a"),
+            (b"content", b"last"),
+            (b"id", b"b"),
+        ]));
         assert_eq!(doc.text, "last");
         assert_eq!(doc.key, "doc:b");
         assert_eq!(
@@ -333,7 +479,7 @@ mod tests {
     #[test]
     fn rejection_keeps_the_whole_entry() {
         let e = entry(&[(b"content", b"\xff"), (b"other", b"\x00\x01")]);
-        assert_eq!(parse(e.clone(), &rules()).unwrap_err().entry, e);
+        assert_eq!(dead(e.clone()).entry, e);
     }
 
     proptest! {
@@ -352,16 +498,18 @@ mod tests {
         ) {
             let e = RawEntry { id: "5-1".into(), fields, deliveries };
             match parse(e.clone(), &rules()) {
-                Ok(doc) => {
+                Op::Upsert(doc) => {
                     prop_assert!(doc.key.starts_with("doc:"));
                     prop_assert!(!doc.text.trim().is_empty() && doc.text.len() <= 100);
-                    prop_assert!(doc.hash_fields().all(|(k, _)| k != b"id" && k != b"embedding"));
+                    prop_assert!(doc.stored_fields().all(|(k, _)| k != b"id" && k != b"embedding"));
                     // What HSET stores under "content" (the last value) is what gets embedded.
                     let stored = e.fields.iter().rev().find(|(k, _)| k == b"content").map(|(_, v)| v.clone());
                     prop_assert_eq!(stored, Some(doc.text.clone().into_bytes()));
                     prop_assert_eq!(&doc.entry, &e);
                 }
-                Err(r) => prop_assert_eq!(r.entry, e),
+                Op::Delete(d) => prop_assert_eq!(d.entry, e),
+                Op::DeadLetter(r) => prop_assert_eq!(r.entry, e),
+                Op::AckOnly(a) => prop_assert!(false, "parse never acks alone: {:?}", a),
             }
         }
     }
@@ -386,11 +534,12 @@ mod tests {
             fields.insert(n_fields / 2, (b"content".to_vec(), vec![b'w'; text_len]));
             let e = RawEntry { id: "9-9".into(), fields, deliveries: 1 };
             match parse(e.clone(), &rules()) {
-                Ok(doc) => {
+                Op::Upsert(doc) => {
                     prop_assert!(text_len > 0 && text_len <= 100 && id_len > 0 && id_len <= 16);
-                    prop_assert_eq!(doc.hash_fields().count(), n_fields + 2);
+                    prop_assert_eq!(doc.stored_fields().count(), n_fields + 2);
                 }
-                Err(r) => {
+                Op::Delete(_) | Op::AckOnly(_) => prop_assert!(false, "no op field: an upsert"),
+                Op::DeadLetter(r) => {
                     let expected = if text_len == 0 { DeadReason::EmptyText }
                         else if text_len > 100 { DeadReason::TextTooLong }
                         else { DeadReason::InvalidId };

@@ -1,12 +1,17 @@
-//! The data path, one file per stage:
-//! [`consume`] (XREADGROUP / XAUTOCLAIM, sized by [`read_ahead`]) -> [`entry`] (parse or reject) -> [`embed`] (tokenise,
-//! [`batch`] by length, model) -> [`write`] (HSET, then XACK; dead letters) — joined in [`worker`].
+//! The data path, one file per stage, each owning its loop:
+//! [`consume`] (XREADGROUP / XAUTOCLAIM, sized by [`read_ahead`]; each entry an [`op::Op`] by
+//! [`entry`], newest per document) -> [`tokenize`] -> [`embed`] (batches cut by [`batch`], the
+//! model) -> [`write`] (versioned upserts and deletes, dead letters, then XACK) — wired together
+//! in [`worker`], sharing [`shared`].
 
 pub mod batch;
 pub mod consume;
 pub mod embed;
 pub mod entry;
+pub mod op;
 pub mod read_ahead;
+pub mod shared;
+pub mod tokenize;
 pub mod worker;
 pub mod write;
 

@@ -1,158 +1,230 @@
-//! Writing: each document's hash (fields + vector bytes) in one pipeline, then XACK of exactly
-//! the entries whose hash Redis confirmed. Dead letters: XADD to the dead-letter stream with the
-//! original fields, then XACK. Nothing is acked that was not written first.
+//! The writer stage: applies each document change (newest version wins, checked on the server),
+//! dead-letters what cannot be indexed, then acks exactly the entries whose every part is done.
+//! Nothing is acked that was not written (or found superseded) first, and a job is never dropped:
+//! transient Redis errors are retried for as long as it takes (the shutdown deadline is the only
+//! way out).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{RedisError, Value};
+use tokio::sync::{mpsc, watch};
 
-use super::consume::GroupRef;
-use super::entry::{DeadReason, Doc, RawEntry};
-use crate::redis::connect::{classify, Disposition};
-use crate::redis::query::vector_bytes;
+use super::entry::DeadReason;
+use super::op::{AckWhy, Completion, DeadLetter, Delete, Embedded, Write};
+use super::shared::Ctx;
+use super::WorkerError;
+use crate::observe::metrics::Stage;
+use crate::store::documents::{self, Applied, Change};
+use crate::store::stream::{self, DeadLetterRecord};
 
-/// Outcome of writing one batch: which entries are written (to ack) and which Redis refused
-/// for themselves alone (to dead-letter).
-#[derive(Debug, Default)]
-pub struct Written {
-    pub ok: Vec<String>,
-    pub refused: Vec<(usize, String)>,
-}
-
-/// HSET every document. A connection-level error fails the whole call (retry the batch);
-/// a per-command error (e.g. WRONGTYPE) is reported for that document alone.
-pub async fn write_hashes(
-    conn: &mut MultiplexedConnection,
-    docs: &[(Doc, Vec<f32>)],
-    vector_field: &str,
-) -> Result<Written, RedisError> {
-    let mut pipe = ::redis::pipe();
-    pipe.ignore_errors();
-    for (doc, vector) in docs {
-        let cmd = pipe.cmd("HSET").arg(&doc.key);
-        for (k, v) in doc.hash_fields() {
-            cmd.arg(k.as_slice()).arg(v.as_slice());
+pub async fn writer(
+    ctx: Arc<Ctx>,
+    mut jobs: mpsc::Receiver<Vec<Write>>,
+) -> Result<(), WorkerError> {
+    let never_stop = watch::channel(false).1;
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut backoff = ctx.backoff();
+    while let Some(writes) = jobs.recv().await {
+        if let Some(pause) = ctx.fault_pause_before_write {
+            tokio::time::sleep(pause).await;
         }
-        cmd.arg(vector_field).arg(vector_bytes(vector));
-    }
-    let replies: Vec<Value> = pipe.query_async(conn).await?;
-    let mut written = Written::default();
-    for (i, ((doc, _), reply)) in docs.iter().zip(replies).enumerate() {
-        match reply {
-            Value::ServerError(e) => {
-                let detail = format!("{e:?}");
-                let err = RedisError::from(e);
-                if refused_for_itself(&err) {
-                    written.refused.push((i, detail));
-                } else {
-                    // The server's state, not the document (OOM, NOPERM, LOADING, READONLY...):
-                    // fail the whole call so the caller retries or stops; the hashes already
-                    // written are rewritten unchanged by the retry.
-                    return Err(err);
+        let mut job = Job::new(writes);
+        loop {
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => {
+                    conn = ctx.connect_with_retry(&never_stop, Duration::ZERO).await?;
+                    continue;
+                }
+            };
+            match job.run(&ctx, c).await {
+                Ok(()) => break,
+                Err(e) => {
+                    let e = ctx.store.error(e);
+                    if !ctx.transient(&e) {
+                        return Err(e.into());
+                    }
+                    conn = None;
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
-            _ => written.ok.push(doc.entry.id.clone()),
         }
+        backoff.reset();
     }
-    Ok(written)
-}
-
-/// Whether a per-command error belongs to the document alone (WRONGTYPE: its key holds another
-/// type; an unknown `ERR`): dead-letter it. Errors about the server or our permissions would
-/// refuse every document, so they must never turn a whole stream into dead letters.
-fn refused_for_itself(err: &RedisError) -> bool {
-    match classify(err) {
-        Disposition::Retry => false,
-        Disposition::Stop => !matches!(err.code(), Some("NOPERM" | "NOAUTH" | "WRONGPASS")),
-    }
-}
-
-/// XACK the given entry IDs.
-pub async fn ack(
-    conn: &mut MultiplexedConnection,
-    g: &GroupRef,
-    ids: &[String],
-) -> Result<u64, RedisError> {
-    if ids.is_empty() {
-        return Ok(0);
-    }
-    ::redis::cmd("XACK")
-        .arg(&g.stream)
-        .arg(&g.group)
-        .arg(ids)
-        .query_async(conn)
-        .await
-}
-
-/// A dead letter ready to send.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub entry: RawEntry,
-    pub reason: DeadReason,
-    pub detail: String,
-}
-
-/// XADD each dead letter (the original fields as given, then the `dead_*` metadata, so a reader
-/// folding the entry into a map sees the real metadata even when the document carried a field
-/// named like it); only once every XADD succeeded, XACK them.
-pub async fn dead_letter(
-    conn: &mut MultiplexedConnection,
-    g: &GroupRef,
-    dead_stream: &str,
-    letters: &[DeadLetter],
-) -> Result<(), RedisError> {
-    if letters.is_empty() {
-        return Ok(());
-    }
-    let mut pipe = ::redis::pipe();
-    for l in letters {
-        let cmd = pipe.cmd("XADD").arg(dead_stream).arg("*");
-        for (k, v) in &l.entry.fields {
-            cmd.arg(k.as_slice()).arg(v.as_slice());
-        }
-        cmd.arg("dead_reason").arg(l.reason.as_str());
-        cmd.arg("dead_detail").arg(&l.detail);
-        cmd.arg("dead_entry_id").arg(&l.entry.id);
-        cmd.arg("dead_stream").arg(&g.stream);
-        cmd.arg("dead_worker").arg(&g.consumer);
-        cmd.arg("dead_deliveries").arg(l.entry.deliveries);
-    }
-    // If any XADD fails the call errors before the XACK: the entries stay pending and the whole
-    // step is retried (a retry may add a duplicate dead letter, never lose one).
-    let _: Vec<Value> = pipe.query_async(conn).await?;
-    let ids: Vec<String> = letters.iter().map(|l| l.entry.id.clone()).collect();
-    ack(conn, g, &ids).await?;
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One job, done in steps. Each step removes what it finished, so after an error the job holds
+/// exactly what is still to do and a retry redoes only that.
+struct Job {
+    /// Upserts and deletes still to apply.
+    changes: Vec<DocChange>,
+    dead: Vec<DeadLetter>,
+    /// Entries done (written, deleted, superseded, ...) and not yet acked.
+    acks: Vec<String>,
+    /// Entries dead-lettered and not yet acked.
+    dead_acks: Vec<String>,
+}
 
-    fn server_error(line: &str) -> RedisError {
-        match ::redis::parse_redis_value(format!("-{line}\r\n").as_bytes()).unwrap() {
-            Value::ServerError(e) => RedisError::from(e),
-            other => panic!("not an error reply: {other:?}"),
+impl Job {
+    fn new(writes: Vec<Write>) -> Self {
+        let mut job = Job {
+            changes: Vec::new(),
+            dead: Vec::new(),
+            acks: Vec::new(),
+            dead_acks: Vec::new(),
+        };
+        for w in writes {
+            match w {
+                Write::Upsert(e) => job.changes.push(DocChange::Upsert(e)),
+                Write::Delete(d) => job.changes.push(DocChange::Delete(d)),
+                Write::DeadLetter(d) => job.dead.push(d),
+                Write::AckOnly(a) => {
+                    match a.why {
+                        AckWhy::Superseded => {}
+                        AckWhy::DeletedFromStream => {
+                            tracing::info!(entry = %a.done.entry_id(), "acking a pending entry deleted from the stream")
+                        }
+                    }
+                    job.finished(a.done);
+                }
+            }
+        }
+        job
+    }
+
+    fn finished(&mut self, done: Completion) {
+        self.acks.extend(done.finish());
+    }
+
+    async fn run(
+        &mut self,
+        ctx: &Ctx,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), ::redis::RedisError> {
+        let started = Instant::now();
+        if !self.changes.is_empty() {
+            self.apply_changes(ctx, conn).await?;
+        }
+        if !self.dead.is_empty() {
+            let records: Vec<DeadLetterRecord> = self
+                .dead
+                .iter()
+                .map(|l| DeadLetterRecord {
+                    entry: &l.entry,
+                    reason: l.reason.as_str(),
+                    detail: &l.detail,
+                })
+                .collect();
+            stream::add_dead_letters(conn, &ctx.group, &ctx.dead_stream, &records).await?;
+            for l in self.dead.drain(..) {
+                // The one log line per failed entry: every failure path ends here, once it is durable.
+                tracing::warn!(entry = %l.entry.id, reason = %l.reason, detail = %l.detail,
+                    dead_letter_stream = %ctx.dead_stream, "dead-lettered entry");
+                ctx.metrics.dead_lettered(l.reason.as_str());
+                self.dead_acks.extend(l.done.finish());
+            }
+        }
+        if !self.acks.is_empty() || !self.dead_acks.is_empty() {
+            let ids: Vec<String> = self.acks.iter().chain(&self.dead_acks).cloned().collect();
+            stream::ack(conn, &ctx.group, &ids).await?;
+            ctx.metrics.acked(self.acks.len());
+            ctx.released(ids.len());
+            self.acks.clear();
+            self.dead_acks.clear();
+        }
+        ctx.metrics.stage(Stage::Write, started.elapsed());
+        Ok(())
+    }
+
+    /// Upserts and deletes in one pipeline; a document Redis refuses alone becomes a dead letter.
+    async fn apply_changes(
+        &mut self,
+        ctx: &Ctx,
+        conn: &mut MultiplexedConnection,
+    ) -> Result<(), ::redis::RedisError> {
+        let changes: Vec<Change> = self.changes.iter().map(DocChange::change).collect();
+        let outcomes = documents::apply(conn, &ctx.docs, &changes).await?;
+        drop(changes);
+        for (change, outcome) in std::mem::take(&mut self.changes).into_iter().zip(outcomes) {
+            let (key, entry) = change.names();
+            match outcome {
+                Ok(applied) => {
+                    match applied {
+                        Applied::Written => ctx.metrics.written(1),
+                        Applied::Deleted | Applied::Absent => ctx.metrics.deleted(1),
+                        Applied::Superseded => {
+                            tracing::debug!(%entry, %key, "a newer version is stored; not written");
+                            ctx.metrics.superseded(1)
+                        }
+                        Applied::Current => {
+                            tracing::debug!(%entry, %key, "already applied (a redelivery)")
+                        }
+                    }
+                    self.finished(change.into_completion());
+                }
+                Err(detail) => {
+                    tracing::debug!(%entry, %key, error = %detail, "redis refused the document");
+                    self.dead.push(change.into_dead_letter(detail));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A change to a document, still to apply.
+enum DocChange {
+    Upsert(Embedded),
+    Delete(Delete),
+}
+
+impl DocChange {
+    fn change(&self) -> Change<'_> {
+        match self {
+            DocChange::Upsert(e) => Change::Upsert {
+                key: &e.doc.key,
+                version: e.doc.version,
+                fields: e
+                    .doc
+                    .stored_fields()
+                    .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                    .collect(),
+                vector: &e.vector,
+            },
+            DocChange::Delete(d) => Change::Delete {
+                key: &d.key,
+                version: d.version,
+            },
         }
     }
 
-    #[test]
-    fn only_the_documents_own_refusals_become_dead_letters() {
-        let own = [
-            "WRONGTYPE Operation against a key holding the wrong kind of value",
-            "ERR odd",
-        ];
-        for line in own {
-            assert!(refused_for_itself(&server_error(line)), "{line}");
+    /// (document key, entry ID), for logs.
+    fn names(&self) -> (String, String) {
+        match self {
+            DocChange::Upsert(e) => (e.doc.key.clone(), e.doc.entry.id.clone()),
+            DocChange::Delete(d) => (d.key.clone(), d.entry.id.clone()),
         }
-        let servers = [
-            "OOM command not allowed when used memory > 'maxmemory'.",
-            "NOPERM User has no permissions to access the 'x' key",
-            "LOADING Redis is loading the dataset in memory",
-            "READONLY You can't write against a read only replica.",
-            "BUSY Redis is busy running a script.",
-        ];
-        for line in servers {
-            assert!(!refused_for_itself(&server_error(line)), "{line}");
+    }
+
+    fn into_completion(self) -> Completion {
+        match self {
+            DocChange::Upsert(e) => e.doc.done,
+            DocChange::Delete(d) => d.done,
+        }
+    }
+
+    /// Redis refused it for this document alone (e.g. the key holds another type).
+    fn into_dead_letter(self, detail: String) -> DeadLetter {
+        match self {
+            DocChange::Upsert(e) => e.doc.into_dead_letter(DeadReason::WriteError, detail),
+            DocChange::Delete(d) => DeadLetter {
+                entry: d.entry,
+                reason: DeadReason::WriteError,
+                detail,
+                done: d.done,
+            },
         }
     }
 }

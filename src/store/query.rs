@@ -3,7 +3,7 @@
 use ::redis::aio::MultiplexedConnection;
 use ::redis::Value;
 
-use super::index::{pairs, text};
+use super::reply::{pairs, text};
 
 /// One KNN hit.
 #[derive(Debug, Clone, PartialEq)]

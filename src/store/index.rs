@@ -4,6 +4,7 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::Value;
 
 use super::connect::{Store, StoreError};
+use super::reply::{pairs, text};
 use crate::settings::IndexSettings;
 
 /// The vector field facts an existing index must agree with.
@@ -162,32 +163,6 @@ pub async fn drop(
         cmd.arg("DD");
     }
     cmd.query_async(conn).await
-}
-
-/// A reply value as text (bulk strings, simple strings, numbers).
-pub fn text(v: &Value) -> String {
-    match v {
-        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        Value::SimpleString(s) => s.clone(),
-        Value::Int(i) => i.to_string(),
-        Value::Double(d) => d.to_string(),
-        Value::Okay => "OK".into(),
-        Value::Nil => String::new(),
-        other => format!("{other:?}"),
-    }
-}
-
-/// A flat [k, v, k, v, ...] array (or a RESP3 map) as pairs.
-pub fn pairs(v: &Value) -> Vec<(String, Value)> {
-    match v {
-        Value::Array(items) => items
-            .chunks(2)
-            .filter(|c| c.len() == 2)
-            .map(|c| (text(&c[0]), c[1].clone()))
-            .collect(),
-        Value::Map(items) => items.iter().map(|(k, v)| (text(k), v.clone())).collect(),
-        _ => Vec::new(),
-    }
 }
 
 #[cfg(test)]

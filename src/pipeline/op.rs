@@ -1,0 +1,296 @@
+//! The messages between stages: what becomes of each stream entry ([`Op`], decided by the
+//! reader), what the writer does ([`Write`]), and the per-entry [`Completion`] that says when an
+//! entry may be acked.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::entry::{DeadReason, Doc};
+use crate::store::documents::Version;
+use crate::store::stream::RawEntry;
+
+/// Acks one stream entry once every part of it is done. An entry is one part today; a document
+/// cut into several pieces of work splits its completion, and only the last part to finish
+/// yields the entry ID. A part dropped unfinished (a crash, a shutdown cut short) never yields
+/// it: the entry stays pending for a redelivery.
+pub struct Completion {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    entry_id: String,
+    parts_left: AtomicUsize,
+}
+
+impl Completion {
+    /// The completion of the entry `entry_id`, as one part.
+    pub fn new(entry_id: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                entry_id: entry_id.to_string(),
+                parts_left: AtomicUsize::new(1),
+            }),
+        }
+    }
+
+    pub fn entry_id(&self) -> &str {
+        &self.inner.entry_id
+    }
+
+    /// This part as `n` parts (n >= 1), each of which must finish.
+    pub fn split(self, n: usize) -> Vec<Completion> {
+        assert!(n >= 1, "an entry has at least one part");
+        self.inner.parts_left.fetch_add(n - 1, Ordering::AcqRel);
+        let mut parts = Vec::with_capacity(n);
+        for _ in 1..n {
+            parts.push(Completion {
+                inner: self.inner.clone(),
+            });
+        }
+        parts.push(self);
+        parts
+    }
+
+    /// Marks this part done: the entry ID once the entry's last part is done (ack it now).
+    pub fn finish(self) -> Option<String> {
+        (self.inner.parts_left.fetch_sub(1, Ordering::AcqRel) == 1)
+            .then(|| self.inner.entry_id.clone())
+    }
+}
+
+impl fmt::Debug for Completion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Completion({}, {} left)",
+            self.inner.entry_id,
+            self.inner.parts_left.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// What becomes of one stream entry.
+#[derive(Debug)]
+pub enum Op {
+    /// Embed the text, then replace the document with this version unless a newer one is stored.
+    Upsert(Doc),
+    /// Remove the document (leaving a tombstone) unless a newer version is stored.
+    Delete(Delete),
+    /// Copy the entry to the dead-letter stream with its reason, then ack it.
+    DeadLetter(DeadLetter),
+    /// Nothing to write: ack it.
+    AckOnly(AckOnly),
+}
+
+/// What the writer is given: every [`Op`] but an upsert arrives as it was read, an upsert with
+/// its vector.
+#[derive(Debug)]
+pub enum Write {
+    Upsert(Embedded),
+    Delete(Delete),
+    DeadLetter(DeadLetter),
+    AckOnly(AckOnly),
+}
+
+/// An upsert with its vector.
+#[derive(Debug)]
+pub struct Embedded {
+    pub doc: Doc,
+    pub vector: Vec<f32>,
+}
+
+/// A delete of the document at `key`.
+#[derive(Debug)]
+pub struct Delete {
+    /// Kept whole so a refusal can dead-letter it unchanged.
+    pub entry: RawEntry,
+    pub key: String,
+    pub version: Version,
+    pub done: Completion,
+}
+
+/// An entry that can never be indexed, with the reason.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub entry: RawEntry,
+    pub reason: DeadReason,
+    pub detail: String,
+    pub done: Completion,
+}
+
+/// An entry acked without a write.
+#[derive(Debug)]
+pub struct AckOnly {
+    pub why: AckWhy,
+    pub done: Completion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckWhy {
+    /// A newer entry for the same document came in the same read.
+    Superseded,
+    /// The entry was deleted from the stream (XDEL, trimming) while it was pending.
+    DeletedFromStream,
+}
+
+impl Op {
+    /// The document this op changes, and the version it would leave there.
+    fn target(&self) -> Option<(&str, Version)> {
+        match self {
+            Op::Upsert(d) => Some((&d.key, d.version)),
+            Op::Delete(d) => Some((&d.key, d.version)),
+            Op::DeadLetter(_) | Op::AckOnly(_) => None,
+        }
+    }
+
+    fn into_completion(self) -> Completion {
+        match self {
+            Op::Upsert(d) => d.done,
+            Op::Delete(d) => d.done,
+            Op::DeadLetter(d) => d.done,
+            Op::AckOnly(a) => a.done,
+        }
+    }
+}
+
+/// Within one read, only the newest op per document is kept; the older ones become
+/// `AckOnly(Superseded)` (the newest entry stays pending until it is written, so acking them
+/// first loses nothing). Besides newest-wins this saves model work on repeated ids. Dead letters
+/// take no part: an entry that cannot be indexed supersedes nothing.
+pub fn collapse(ops: Vec<Op>) -> Vec<Op> {
+    let mut newest: HashMap<String, (usize, Version)> = HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        if let Some((key, version)) = op.target() {
+            match newest.get_mut(key) {
+                Some(best) if best.1 >= version => {}
+                Some(best) => *best = (i, version),
+                None => {
+                    newest.insert(key.to_string(), (i, version));
+                }
+            }
+        }
+    }
+    ops.into_iter()
+        .enumerate()
+        .map(|(i, op)| match op.target() {
+            Some((key, _)) if newest[key].0 != i => Op::AckOnly(AckOnly {
+                why: AckWhy::Superseded,
+                done: op.into_completion(),
+            }),
+            _ => op,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::entry::{parse, EntryRules};
+    use proptest::prelude::*;
+
+    #[test]
+    fn an_entry_is_acked_once_its_last_part_finishes() {
+        let parts = Completion::new("7-0").split(3);
+        let ids: Vec<Option<String>> = parts.into_iter().map(Completion::finish).collect();
+        assert_eq!(ids, [None, None, Some("7-0".to_string())]);
+        assert_eq!(Completion::new("8-0").finish().as_deref(), Some("8-0"));
+        // A part dropped unfinished never acks.
+        let mut parts = Completion::new("9-0").split(2);
+        drop(parts.pop());
+        assert_eq!(parts.pop().unwrap().finish(), None);
+    }
+
+    fn rules() -> EntryRules {
+        let s = crate::settings::Settings::load_from(None, Vec::new()).unwrap();
+        EntryRules::from_settings(&s)
+    }
+
+    fn op(id: &str, fields: &[(&str, &str)]) -> Op {
+        let entry = RawEntry {
+            id: id.into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+            deliveries: 1,
+        };
+        parse(entry, &rules())
+    }
+
+    fn kept(ops: &[Op]) -> Vec<String> {
+        ops.iter()
+            .filter_map(|o| match o {
+                Op::Upsert(d) => Some(format!("upsert {}", d.entry.id)),
+                Op::Delete(d) => Some(format!("delete {}", d.entry.id)),
+                Op::DeadLetter(d) => Some(format!("dead {}", d.entry.id)),
+                Op::AckOnly(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_newest_entry_of_an_id_wins_in_its_read() {
+        let long = "a long first version ".repeat(50);
+        let ops = collapse(vec![
+            op("1-0", &[("id", "x"), ("content", &long)]),
+            op("2-0", &[("id", "y"), ("content", "other")]),
+            op("3-0", &[("id", "x"), ("content", "Version two: short.")]),
+        ]);
+        assert_eq!(kept(&ops), ["upsert 2-0", "upsert 3-0"]);
+        assert!(matches!(
+            &ops[0],
+            Op::AckOnly(AckOnly { why: AckWhy::Superseded, done }) if done.entry_id() == "1-0"
+        ));
+        // A delete is an op like any other; a dead letter supersedes nothing.
+        let ops = collapse(vec![
+            op("1-0", &[("id", "x"), ("content", "v1")]),
+            op("2-0", &[("id", "x"), ("op", "delete")]),
+            op("3-0", &[("id", "x"), ("content", "")]),
+        ]);
+        assert_eq!(kept(&ops), ["delete 2-0", "dead 3-0"]);
+        // A producer version outranks stream order.
+        let ops = collapse(vec![
+            op("1-0", &[("id", "x"), ("content", "v5"), ("version", "5")]),
+            op("2-0", &[("id", "x"), ("content", "v4"), ("version", "4")]),
+        ]);
+        assert_eq!(kept(&ops), ["upsert 1-0"]);
+    }
+
+    proptest! {
+        /// Every entry comes out exactly once, in order; per id exactly the newest op survives.
+        #[test]
+        fn collapse_keeps_one_op_per_id_and_loses_no_entry(
+            plan in proptest::collection::vec((0u8..4, any::<bool>(), proptest::option::of(0u64..3)), 0..40),
+        ) {
+            let ops: Vec<Op> = plan.iter().enumerate().map(|(i, (id, delete, version))| {
+                let id = id.to_string();
+                let version = version.map(|v| v.to_string());
+                let mut fields = vec![("id", id.as_str())];
+                if *delete { fields.push(("op", "delete")) } else { fields.push(("content", "t")) }
+                if let Some(v) = &version { fields.push(("version", v)) }
+                op(&format!("{}-0", i + 1), &fields)
+            }).collect();
+            let out = collapse(ops);
+            prop_assert_eq!(out.len(), plan.len());
+            for (i, o) in out.iter().enumerate() {
+                let entry = match o {
+                    Op::Upsert(d) => d.done.entry_id().to_string(),
+                    Op::Delete(d) => d.done.entry_id().to_string(),
+                    Op::DeadLetter(d) => d.done.entry_id().to_string(),
+                    Op::AckOnly(a) => a.done.entry_id().to_string(),
+                };
+                prop_assert_eq!(entry, format!("{}-0", i + 1));
+            }
+            for id in 0u8..4 {
+                let mine: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].0 == id).collect();
+                let survivors: Vec<usize> = mine.iter().copied()
+                    .filter(|&i| !matches!(out[i], Op::AckOnly(_))).collect();
+                if mine.is_empty() { continue; }
+                let best = *mine.iter().max_by_key(|&&i| (plan[i].2.unwrap_or(0), i)).unwrap();
+                prop_assert_eq!(survivors, vec![best]);
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! What the stages share: settings, the store, counters, the reader's budget, and the one set
+//! of rules for a Redis error (retry with back-off, or stop).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use tokio::sync::{watch, Notify};
+
+use super::entry::EntryRules;
+use super::read_ahead::ReadAhead;
+use super::WorkerError;
+use crate::observe::{Health, Metrics};
+use crate::settings::Settings;
+use crate::store::connect::{Backoff, Disposition, Store, StoreError};
+use crate::store::documents::DocStore;
+use crate::store::stream::GroupRef;
+
+pub struct Ctx {
+    pub settings: Settings,
+    pub store: Store,
+    pub docs: DocStore,
+    pub group: GroupRef,
+    pub rules: EntryRules,
+    pub dead_stream: String,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// Entries read but not yet acked (for `--drain`, and the read budget).
+    in_flight: AtomicUsize,
+    /// Signalled whenever the reader's budget may have grown: entries were acked (the writer),
+    /// or a read was tokenised and the read size updated (the tokeniser).
+    pub budget_grew: Notify,
+    /// How many entries to read, and when (fed the token counts of tokenised reads).
+    pub read_ahead: ReadAhead,
+    /// Fault injection for the crash tests: hold every write this long before sending it, so a
+    /// test can kill the process (or let another worker overtake) between read and write. Set
+    /// by EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE.
+    pub fault_pause_before_write: Option<Duration>,
+}
+
+impl Ctx {
+    pub fn new(
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        max_seq_length: usize,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            store: Store::new(&settings.redis)?,
+            docs: DocStore::from_settings(&settings),
+            group: GroupRef {
+                stream: settings.stream.name.clone(),
+                group: settings.stream.group.clone(),
+                consumer: settings.consumer_name(),
+            },
+            rules: EntryRules::from_settings(&settings),
+            dead_stream: settings.dead_letter_stream(),
+            metrics,
+            health,
+            in_flight: AtomicUsize::new(0),
+            budget_grew: Notify::new(),
+            read_ahead: ReadAhead::new(
+                settings.stream.read_tokens,
+                settings.stream.read_count,
+                max_seq_length,
+            ),
+            fault_pause_before_write: std::env::var("EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE")
+                .ok()
+                .and_then(|v| humantime::parse_duration(&v).ok()),
+            settings,
+        })
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The reader took `n` entries.
+    pub fn took(&self, n: usize) {
+        self.in_flight.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The writer acked `n` entries.
+    pub fn released(&self, n: usize) {
+        self.in_flight.fetch_sub(n, Ordering::Relaxed);
+        self.budget_grew.notify_one();
+    }
+
+    pub fn backoff(&self) -> Backoff {
+        Backoff::new(
+            self.settings.redis.backoff_initial,
+            self.settings.redis.backoff_max,
+        )
+    }
+
+    /// Records a Redis error; true if it is worth retrying.
+    pub fn transient(&self, e: &StoreError) -> bool {
+        self.metrics.error("redis");
+        match e.disposition() {
+            Disposition::Retry => {
+                self.health.set_redis_reachable(false);
+                tracing::warn!(error = %e, "redis unavailable; retrying with back-off");
+                true
+            }
+            Disposition::Stop => false,
+        }
+    }
+
+    /// Connects, retrying transient failures with back-off until `stop`. `None` = stopped first.
+    /// `extra` lengthens the reply timeout (blocking reads).
+    pub async fn connect_with_retry(
+        &self,
+        stop: &watch::Receiver<bool>,
+        extra: Duration,
+    ) -> Result<Option<MultiplexedConnection>, WorkerError> {
+        let mut backoff = self.backoff();
+        loop {
+            match self.store.connect_with(extra).await {
+                // Readiness comes back through observe::probe, which also re-checks the group
+                // and the index (a restarted Redis may have lost them), not from here.
+                Ok(conn) => return Ok(Some(conn)),
+                Err(e) => {
+                    if !self.transient(&e) {
+                        return Err(e.into());
+                    }
+                    if !sleep_unless_stopped(backoff.next_delay(), stop).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps unless `stop` fires first; false if stopped.
+pub async fn sleep_unless_stopped(delay: Duration, stop: &watch::Receiver<bool>) -> bool {
+    let mut stop = stop.clone();
+    if *stop.borrow() {
+        return false;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        _ = stop.wait_for(|s| *s) => false,
+    }
+}

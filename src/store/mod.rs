@@ -1,0 +1,13 @@
+//! The store: every command the worker sends to Redis, and the parsing of every reply.
+//! Connections from the settings ([`connect`]), the stream and its group ([`stream`]), document
+//! writes and deletes ([`documents`]), the FT index schema ([`index`]) and KNN queries ([`query`]).
+//! (The external crate is spelled `::redis` inside this crate.)
+
+pub mod connect;
+pub mod documents;
+pub mod index;
+pub mod query;
+pub mod reply;
+pub mod stream;
+
+pub use connect::{Disposition, Store, StoreError};
