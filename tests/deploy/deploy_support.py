@@ -97,14 +97,46 @@ class AclUser:
         return next(r[1:] for r in self.rules if r.startswith(">"))
 
     @property
+    def root_rules(self) -> list[str]:
+        """The rules outside selectors."""
+        return self._split()[0]
+
+    @property
+    def selectors(self) -> list[list[str]]:
+        """Each `(...)` selector's rules: commands allowed only on that selector's keys."""
+        return self._split()[1]
+
+    def _split(self) -> tuple[list[str], list[list[str]]]:
+        root, selectors, current = [], [], None
+        for r in self.rules:
+            if r.startswith("("):
+                current, r = [], r[1:]
+            target = root if current is None else current
+            closes = r.endswith(")")
+            target.append(r[:-1] if closes else r)
+            if closes:
+                selectors.append(current)
+                current = None
+        assert current is None, f"unclosed selector in {self.rules}"
+        return root, selectors
+
+    @property
     def commands(self) -> set[str]:
-        """Commands and subcommands granted with `+`, lower-case (e.g. "xgroup|create")."""
-        return {r[1:].lower() for r in self.rules if r.startswith("+") and not r.startswith("+@")}
+        """Commands and subcommands granted with `+` outside selectors, lower-case (e.g. "xgroup|create")."""
+        return commands_of(self.root_rules)
 
     @property
     def key_patterns(self) -> list[str]:
-        """Key patterns without their permission prefix (`~p`, `%R~p`, `%W~p`, `%RW~p` -> p)."""
-        return [r.split("~", 1)[1] for r in self.rules if re.match(r"^(%[RW]+)?~", r)]
+        """Key patterns outside selectors, without their permission prefix (`~p`, `%RW~p` -> p)."""
+        return patterns_of(self.root_rules)
+
+
+def commands_of(rules: list[str]) -> set[str]:
+    return {r[1:].lower() for r in rules if r.startswith("+") and not r.startswith("+@")}
+
+
+def patterns_of(rules: list[str]) -> list[str]:
+    return [r.split("~", 1)[1] for r in rules if re.match(r"^(%[RW]+)?~", r)]
 
 
 def parse_acl(text: str) -> dict[str, AclUser]:

@@ -11,7 +11,9 @@ import pytest
 import redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from deploy_support import ACL_FILE, parse_acl
+from deploy_support import ACL_FILE, ROOT, commands_of, parse_acl, patterns_of
+
+LIBRARY = (ROOT / "src" / "store" / "documents.lua").read_text()
 
 ACL = parse_acl(ACL_FILE.read_text())
 
@@ -23,12 +25,15 @@ WORKER_COMMANDS = {
     "xreadgroup", "xack", "xadd", "xautoclaim", "xpending",
     "xgroup|create", "xgroup|delconsumer",
     "xinfo|groups", "xinfo|consumers", "xinfo|stream", "xlen",
-    # write vectors (a plain pipeline: no MULTI/EXEC)
-    "hset",
+    # document writes: the embed_worker function library (src/store/documents.lua), loaded at
+    # start-up and called by name (a plain pipeline of FCALLs: no MULTI/EXEC, no EVAL)
+    "fcall", "function|load",
     # the index: create if missing, check, query
     "ft.create", "ft.info", "ft.search",
 }
 PRODUCER_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo", "xadd"}
+# What the functions run inside FCALL, each only on its own keys: documents, and tombstones.
+WORKER_SELECTORS = [({"hmget", "hset", "del"}, ["doc:*"]), ({"get", "set", "del"}, ["embed:tomb:*"])]
 KEDA_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo", "xinfo|groups", "xpending", "xlen"}
 
 STREAM, GROUP, DEAD, INDEX, PREFIX = "embed:docs", "embedders", "embed:docs:dead", "vector_idx", "doc:"
@@ -53,6 +58,7 @@ def test_acl_file_has_only_user_lines():
 def test_acl_users_and_their_grants():
     assert set(ACL) == {"embed-worker", "producer", "keda"}
     assert ACL["embed-worker"].commands == WORKER_COMMANDS
+    assert [(commands_of(s), patterns_of(s)) for s in ACL["embed-worker"].selectors] == WORKER_SELECTORS
     assert ACL["producer"].commands == PRODUCER_COMMANDS
     assert ACL["keda"].commands == KEDA_COMMANDS
 
@@ -126,11 +132,15 @@ def test_worker_can_run_the_whole_pipeline(redis_server):
     assert [e[0] for e in entries] == ids
     assert keda.xpending(STREAM, GROUP)["pending"] == 3  # what the pending trigger reads
 
+    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker"
     with worker.pipeline(transaction=False) as pipe:  # as the worker writes: no MULTI
-        for i in range(3):
-            pipe.hset(f"{PREFIX}{i}", mapping={"content": f"doc {i}", "genre": "g",
-                                               "embedding": vec(i, 0, 0, 0)})
-        assert pipe.execute() == [3, 3, 3]
+        for i, entry in enumerate(ids):
+            key = f"{PREFIX}{i}"
+            pipe.fcall("ew_upsert", 2, key, f"embed:tomb:{{{key}}}", "0", entry,
+                       "content", f"doc {i}", "genre", "g", "embedding", vec(i, 0, 0, 0))
+        assert pipe.execute() == ["written"] * 3
+    # A delete: the document goes, a tombstone stays; then the upsert is recreated.
+    assert worker.fcall("ew_delete", 2, f"{PREFIX}9", f"embed:tomb:{{{PREFIX}9}}", "0", ids[2], "60000") == "absent"
     assert worker.xack(STREAM, GROUP, ids[0], ids[1]) == 2
 
     # Reclaim and dead-letter the third entry.
@@ -167,7 +177,15 @@ FORBIDDEN_FOR_WORKER = [
     ("ACL", "LIST"),
     ("HSET", "other:1", "f", "v"),
     ("HGETALL", "doc:1"),
-    ("DEL", "doc:1"),
+    ("DEL", "other:1"),
+    ("DEL", "embed:docs"),
+    ("SET", "embed:docs", "x"),
+    ("SET", "doc:1", "x"),
+    ("GET", "doc:1"),
+    ("FUNCTION", "FLUSH"),
+    ("FUNCTION", "DELETE", "embed_worker"),
+    ("FCALL_RO", "ew_library_version", "0"),
+    ("EVALSHA", "0" * 40, "0"),
     ("XADD", "other:stream", "*", "f", "v"),
     ("XTRIM", "embed:docs", "MAXLEN", "0"),
     ("XGROUP", "DESTROY", "embed:docs", "embedders"),
