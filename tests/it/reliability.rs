@@ -214,7 +214,10 @@ fn stream_id(id: &str) -> (u64, u64) {
 type Entries = Vec<(String, Vec<(String, Vec<u8>)>)>;
 
 /// Every entry of the dead-letter stream as its fields (last value of a repeated name wins).
-fn dead_letters(conn: &mut ::redis::Connection, names: &Names) -> Vec<HashMap<String, Vec<u8>>> {
+pub(crate) fn dead_letters(
+    conn: &mut ::redis::Connection,
+    names: &Names,
+) -> Vec<HashMap<String, Vec<u8>>> {
     let entries: Entries = ::redis::cmd("XRANGE")
         .arg(names.dead())
         .arg("-")
@@ -227,7 +230,7 @@ fn dead_letters(conn: &mut ::redis::Connection, names: &Names) -> Vec<HashMap<St
         .collect()
 }
 
-fn text_of(map: &HashMap<String, Vec<u8>>, k: &str) -> String {
+pub(crate) fn text_of(map: &HashMap<String, Vec<u8>>, k: &str) -> String {
     String::from_utf8_lossy(map.get(k).map(Vec::as_slice).unwrap_or_default()).into_owned()
 }
 

@@ -367,6 +367,30 @@ fn the_deployed_acl_user_runs_the_docs_example_a_dead_letter_and_a_claim() {
         );
     }
     let poison = xadd(&mut admin, &["id", "7", "genre", "no content"]);
+    // The lifecycle through the user's functions: an upsert of doc 8 and its delete (collapsed
+    // in one read), and a delete of doc 5, written before the run, which leaves a tombstone.
+    xadd(&mut admin, &["id", "8", "content", "soon deleted"]);
+    xadd(&mut admin, &["id", "8", "op", "delete"]);
+    let _: () = ::redis::cmd("HSET")
+        .arg(
+            &[
+                "doc:5",
+                "content",
+                "stale",
+                "__ew_version",
+                "0",
+                "__ew_entry",
+                "1-0",
+            ][..],
+        )
+        .query(&mut admin)
+        .unwrap();
+    xadd(&mut admin, &["id", "5", "op", "delete"]);
+    // Nothing loaded yet: the worker user loads the library itself.
+    let _: () = ::redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query(&mut admin)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1200));
 
     let as_worker = || {
@@ -395,6 +419,15 @@ fn the_deployed_acl_user_runs_the_docs_example_a_dead_letter_and_a_claim() {
         assert_eq!(len, 1536, "doc:{i}");
     }
     assert_eq!(pending(&mut admin, &names), 0);
+    for gone in ["doc:5", "doc:8"] {
+        let n: u64 = ::redis::cmd("EXISTS").arg(gone).query(&mut admin).unwrap();
+        assert_eq!(n, 0, "{gone}");
+        let tomb: u64 = ::redis::cmd("EXISTS")
+            .arg(format!("embed:tomb:{{{gone}}}"))
+            .query(&mut admin)
+            .unwrap();
+        assert_eq!(tomb, 1, "{gone}'s tombstone");
+    }
     let letters = dead_letters(&mut admin, &names);
     let mut got: Vec<(String, String)> = letters
         .iter()
