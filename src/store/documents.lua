@@ -8,7 +8,7 @@
 -- The document hash keeps both in __ew_version and __ew_entry; a tombstone is the string
 -- "<version> <entry ID>" with a TTL.
 
-local LIBRARY_VERSION = '1'
+local LIBRARY_VERSION = '2'
 
 local function pad(digits)
   return string.rep('0', 20 - #digits) .. digits
@@ -53,22 +53,42 @@ local function checked_order(args)
   return new
 end
 
+-- Values one HSET may take: unpack() is bounded by Lua's C stack (8000 in Redis's Lua).
+local MAX_HSET_ARGS = 7000
+
 -- ARGV: version, entry ID, then field, value, field, value, ... (the vector among them).
--- Replaces the whole hash: a field the new version dropped is gone.
+-- Replaces the whole hash: a field the new version dropped is gone. The index re-embeds a
+-- document on every write command that touches it (an HNSW delete and insert), so this writes
+-- with one HSET, and DELs first only when the stored hash has a field the new version lacks.
 local function upsert(keys, args)
   local new, err = checked_order(args)
   if not new then return err end
   local why = stale(keys, new)
   if why then return why end
-  redis.call('DEL', keys[1])
-  -- 100 field/value pairs per HSET: unpack() is bounded by Lua's C stack.
-  local i = 3
-  while i <= #args do
-    local j = math.min(i + 199, #args)
-    redis.call('HSET', keys[1], unpack(args, i, j))
-    i = j + 1
+  local fields = { '__ew_version', args[1], '__ew_entry', args[2] }
+  local keep = { __ew_version = true, __ew_entry = true }
+  for i = 3, #args, 2 do
+    keep[args[i]] = true
+    fields[#fields + 1] = args[i]
+    fields[#fields + 1] = args[i + 1]
   end
-  redis.call('HSET', keys[1], '__ew_version', args[1], '__ew_entry', args[2])
+  for _, name in ipairs(redis.call('HKEYS', keys[1])) do
+    if not keep[name] then
+      redis.call('DEL', keys[1])
+      break
+    end
+  end
+  if #fields <= MAX_HSET_ARGS then
+    redis.call('HSET', keys[1], unpack(fields))
+  else
+    -- Thousands of fields: in slices (the index then sees one change per slice).
+    local i = 1
+    while i <= #fields do
+      local j = math.min(i + MAX_HSET_ARGS - 1, #fields)
+      redis.call('HSET', keys[1], unpack(fields, i, j))
+      i = j + 1
+    end
+  end
   redis.call('DEL', keys[2])
   return 'written'
 end

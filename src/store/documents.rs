@@ -19,7 +19,7 @@ use crate::settings::Settings;
 /// The function library, loaded with FUNCTION LOAD REPLACE when the server lacks this version.
 pub const LIBRARY: &str = include_str!("documents.lua");
 /// Must equal `LIBRARY_VERSION` in documents.lua (a unit test checks); bump both on any change.
-const LIBRARY_VERSION: &str = "1";
+const LIBRARY_VERSION: &str = "2";
 
 /// Bookkeeping fields of every document hash: the producer version ("0" when the entry had
 /// none) and the stream entry ID of the version stored. Not in the index schema, so never

@@ -33,7 +33,7 @@ WORKER_COMMANDS = {
 }
 PRODUCER_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo", "xadd"}
 # What the functions run inside FCALL, each only on its own keys: documents, and tombstones.
-WORKER_SELECTORS = [({"hmget", "hset", "del"}, ["doc:*"]), ({"get", "set", "del"}, ["embed:tomb:*"])]
+WORKER_SELECTORS = [({"hmget", "hkeys", "hset", "del"}, ["doc:*"]), ({"get", "set", "del"}, ["embed:tomb:*"])]
 KEDA_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo", "xinfo|groups", "xpending", "xlen"}
 
 STREAM, GROUP, DEAD, INDEX, PREFIX = "embed:docs", "embedders", "embed:docs:dead", "vector_idx", "doc:"

@@ -466,3 +466,35 @@ fn random_upserts_and_deletes_with_kills_end_in_the_last_op_per_id() {
     }
     assert!(dead_reasons(&mut conn, &names).is_empty(), "seed {seed}");
 }
+
+#[test]
+fn an_entry_with_thousands_of_fields_is_stored_whole_and_replaced_whole() {
+    let server = RedisServer::start();
+    let names = Names::new("wide");
+    let mut conn = server.conn();
+    let key = format!("{}w", names.prefix);
+    // 5,000 fields: more values than one HSET inside the function takes (it writes in slices).
+    let extra: Vec<(String, String)> = (0..5000)
+        .map(|i| (format!("f{i}"), format!("v{i}")))
+        .collect();
+    let mut fields: Vec<(&str, &str)> = vec![("id", "w"), ("content", "a wide document")];
+    fields.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    xadd(&mut conn, &names, &fields);
+    drain(&server, &names);
+    let h = hash(&mut conn, &key);
+    assert_eq!(
+        h.len(),
+        5000 + 4,
+        "content, embedding, 2 bookkeeping fields and 5,000 more"
+    );
+    assert_eq!(field(&h, "f4999").as_deref(), Some("v4999"));
+    assert!(dead_reasons(&mut conn, &names).is_empty());
+
+    xadd(
+        &mut conn,
+        &names,
+        &[("id", "w"), ("content", "narrow again")],
+    );
+    drain(&server, &names);
+    assert_eq!(hash(&mut conn, &key).len(), 4);
+}
