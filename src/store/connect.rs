@@ -190,7 +190,7 @@ fn hint(err: &RedisError) -> &'static str {
     {
         return " (check redis.username / redis.password or the URL's credentials)";
     }
-    if err.code() == Some("NOPERM") {
+    if err.code() == Some("NOPERM") || super::documents::is_acl_failure(err) {
         return " (the ACL user lacks this command or key; see deploy/redis-acl.conf)";
     }
     if is_tls_failure(err) {

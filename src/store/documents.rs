@@ -220,13 +220,20 @@ async fn apply_once(
 /// function library would refuse every document, so they must never turn a whole stream into
 /// dead letters.
 fn refused_for_itself(err: &RedisError) -> bool {
-    if is_missing_function(err) {
+    if is_missing_function(err) || is_acl_failure(err) {
         return false;
     }
     match classify(err) {
         Disposition::Retry => false,
         Disposition::Stop => !matches!(err.code(), Some("NOPERM" | "NOAUTH" | "WRONGPASS")),
     }
+}
+
+/// A command inside the function refused by the ACL: Redis answers `ERR ACL failure in script`,
+/// not NOPERM, and it is about the user's grants (an ACL file older than the library), never the
+/// document.
+pub fn is_acl_failure(err: &RedisError) -> bool {
+    err.to_string().to_lowercase().contains("acl failure")
 }
 
 fn is_missing_function(err: &RedisError) -> bool {
@@ -287,6 +294,7 @@ mod tests {
             "READONLY You can't write against a read only replica.",
             "BUSY Redis is busy running a script.",
             "ERR Function not found",
+            "ERR ACL failure in script: User u has no permissions to run the 'hkeys' command script: ew_upsert, on @user_function:75.",
         ];
         for line in servers {
             assert!(!refused_for_itself(&server_error(line)), "{line}");

@@ -455,3 +455,44 @@ fn the_deployed_acl_user_runs_the_docs_example_a_dead_letter_and_a_claim() {
     assert!(text.starts_with("ID: doc:0, Distance:0.1141"), "{text}");
     assert_eq!(text.lines().count(), 3, "{text}");
 }
+
+/// An ACL older than the function library (here: without the HKEYS it now runs) must stop the
+/// worker with the ACL hint, not turn every document into a write_error dead letter: Redis
+/// reports a refusal inside a function as `ERR ACL failure in script`, not NOPERM.
+#[test]
+fn an_acl_missing_a_command_of_the_functions_stops_the_worker_and_dead_letters_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = std::fs::read_to_string(root().join("deploy/redis-acl.conf"))
+        .unwrap()
+        .replace(" +hkeys", "");
+    let acl_file = dir.path().join("users.acl");
+    std::fs::write(&acl_file, acl).unwrap();
+    let server = RedisServer::start_with(&["--aclfile", &path_str(&acl_file)]);
+    let names = Names {
+        stream: "embed:docs".into(),
+        group: "embedders".into(),
+        index: "vector_idx".into(),
+        prefix: "doc:".into(),
+    };
+    let mut admin = server.conn();
+    let _: String = ::redis::cmd("XADD")
+        .arg(&["embed:docs", "*", "id", "0", "content", DOCS[0].0][..])
+        .query(&mut admin)
+        .unwrap();
+    let (out, took) = output_within(
+        worker_cmd(&server, &names)
+            .env("EMBED_WORKER__REDIS__USERNAME", "embed-worker")
+            .env("EMBED_WORKER__REDIS__PASSWORD", "changeme")
+            .args(["run", "--drain"]),
+        Duration::from_secs(60),
+    );
+    assert_fails_fast(&out, took, &["ACL failure"], "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("deploy/redis-acl.conf"), "{stderr}");
+    assert!(dead_letters(&mut admin, &names).is_empty());
+    assert_eq!(
+        pending(&mut admin, &names),
+        1,
+        "the entry stays pending for a fixed worker"
+    );
+}
