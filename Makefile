@@ -89,8 +89,9 @@ test: test-tools model model-int8 $(NODE_MODULES) ## every test: Rust unit + int
 	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/bench.py --smoke --models model.onnx
 	$(ENV) $(VENV)/bin/python -m pytest -q tests/deploy
 
-bench: model model-int8 build ## throughput, latency and memory against the embedded Redis
+bench: model model-int8 build ## throughput, latency and memory against the embedded Redis; the versioned write's cost
 	$(ENV) $(VENV)/bin/python bench/bench.py
+	$(ENV) $(VENV)/bin/python bench/write_cost.py
 
 bench-smoke: model build ## the benchmark in miniature (seconds), to keep it working in CI
 	$(ENV) $(VENV)/bin/python bench/bench.py --smoke
