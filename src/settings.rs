@@ -86,6 +86,8 @@ pub struct StreamSettings {
     #[serde(with = "humantime_serde")]
     pub block: Duration,
     /// Pending entries idle longer than this are reclaimed from their (presumed dead) consumer.
+    /// A live worker renews the entries it holds every third of this, so it is the failover
+    /// time of a dead worker, not a bound on how long a batch may take.
     #[serde(with = "humantime_serde")]
     pub claim_idle: Duration,
     /// How often to look for such entries.
@@ -98,6 +100,8 @@ pub struct StreamSettings {
     pub max_deliveries: u64,
     /// Dead-letter stream; empty = "<name>:dead".
     pub dead_letter_stream: String,
+    /// Approximate cap of the dead-letter stream in entries (XADD MAXLEN ~); 0 = no cap.
+    pub dead_letter_maxlen: u64,
     /// Longest accepted text, in bytes.
     pub max_text_bytes: usize,
     /// Longest accepted document id, in bytes.
@@ -147,6 +151,10 @@ pub struct ModelSettings {
     pub intra_spinning: bool,
     /// ORT graph optimisation level: "disable", "basic", "extended" or "all".
     pub optimization: String,
+    /// Longest one model call may run before the model thread counts as stuck: the worker then
+    /// stops renewing its entries, turns unready and exits non-zero.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -322,6 +330,15 @@ impl Settings {
         if self.index.tombstone_ttl.is_zero() {
             return bad("index.tombstone_ttl must be > 0".into());
         }
+        if self.stream.claim_idle < Duration::from_millis(300) {
+            return bad(
+                "stream.claim_idle must be at least 300ms (leases are renewed every third of it)"
+                    .into(),
+            );
+        }
+        if self.model.timeout.is_zero() {
+            return bad("model.timeout must be > 0".into());
+        }
         if self.stream.max_deliveries == 0 {
             return bad("stream.max_deliveries must be > 0".into());
         }
@@ -376,6 +393,12 @@ impl Settings {
         }
     }
 
+    /// How often a worker renews the entries it holds: a third of `claim_idle`, so two
+    /// renewals can fail (a slow round trip, a short outage) before anyone may reclaim them.
+    pub fn lease_renew_interval(&self) -> Duration {
+        self.stream.claim_idle / 3
+    }
+
     /// The ONNX file to load.
     pub fn model_path(&self) -> PathBuf {
         self.model.dir.join(&self.model.file)
@@ -415,7 +438,9 @@ mod tests {
         assert_eq!(s.index.prefix, "doc:");
         assert_eq!(s.index.schema, vec!["content TEXT", "genre TAG"]);
         assert_eq!(s.dead_letter_stream(), "embed:docs:dead");
-        assert_eq!(s.stream.claim_idle, Duration::from_secs(60));
+        assert_eq!(s.stream.claim_idle, Duration::from_secs(15));
+        assert_eq!(s.stream.dead_letter_maxlen, 100_000);
+        assert_eq!(s.model.timeout, Duration::from_secs(30));
     }
 
     #[test]

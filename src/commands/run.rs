@@ -29,10 +29,16 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
     let signals = runtime.block_on(async { ShutdownSignals::install() });
     // The model next: a missing library or model file is a configuration error, reported
     // before anything touches Redis.
-    let model = Model::load(&settings)?;
+    let model = match std::env::var(crate::model::fake::HANG_HOOK) {
+        Ok(word) if !word.is_empty() => {
+            tracing::warn!(word = %word, "fault hook: the fake model, hanging on a word");
+            crate::model::fake::FakeEmbedder::model_hanging_on(&settings, &word)?
+        }
+        _ => Model::load(&settings)?,
+    };
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
-    let summary = runtime.block_on(async {
+    let result = runtime.block_on(async {
         crate::observe::serve(&settings.http, metrics.clone(), health.clone()).await?;
         // Keeps /readyz and the lag/pending gauges current whatever the pipeline is doing.
         crate::observe::probe::spawn(
@@ -43,7 +49,11 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
         );
         let options = RunOptions { drain: args.drain };
         anyhow::Ok(pipeline::run(settings, model, metrics, health, options, signals.recv()).await?)
-    })?;
+    });
+    // Not a plain drop, which waits for every blocking task: after the model watchdog fired, one
+    // of them waits forever on the stuck model thread.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    let summary = result?;
     if summary.timed_out {
         tracing::warn!(
             "stopped at shutdown_timeout; some entries remain pending for other workers"

@@ -8,6 +8,8 @@ pub struct Health {
     redis_reachable: AtomicBool,
     group_present: AtomicBool,
     index_present: AtomicBool,
+    /// Set by the model watchdog: a batch ran past `model.timeout` (the worker is exiting).
+    model_stuck: AtomicBool,
 }
 
 impl Health {
@@ -23,10 +25,14 @@ impl Health {
     pub fn set_index_present(&self, v: bool) {
         self.index_present.store(v, Ordering::Relaxed);
     }
+    pub fn set_model_stuck(&self) {
+        self.model_stuck.store(true, Ordering::Relaxed);
+    }
 
-    /// Ready = model loaded, Redis reachable, group and index present. On failure, what is missing.
+    /// Ready = model loaded and not stuck, Redis reachable, group and index present. On failure,
+    /// what is missing.
     pub fn ready(&self) -> Result<(), Vec<&'static str>> {
-        let missing: Vec<&'static str> = [
+        let mut missing: Vec<&'static str> = [
             (&self.model_loaded, "model not loaded"),
             (&self.redis_reachable, "redis unreachable"),
             (&self.group_present, "consumer group missing"),
@@ -36,6 +42,9 @@ impl Health {
         .filter(|(flag, _)| !flag.load(Ordering::Relaxed))
         .map(|(_, what)| what)
         .collect();
+        if self.model_stuck.load(Ordering::Relaxed) {
+            missing.push("model stuck");
+        }
         if missing.is_empty() {
             Ok(())
         } else {
@@ -67,5 +76,8 @@ mod tests {
         assert_eq!(h.ready(), Ok(()));
         h.set_redis_reachable(false);
         assert_eq!(h.ready(), Err(vec!["redis unreachable"]));
+        h.set_redis_reachable(true);
+        h.set_model_stuck();
+        assert_eq!(h.ready(), Err(vec!["model stuck"]));
     }
 }

@@ -117,6 +117,9 @@ pub struct Metrics {
     deleted: AtomicU64,
     acked: AtomicU64,
     dead_lettered: Labeled,
+    dead_letters_trimmed: AtomicU64,
+    leases_renewed: AtomicU64,
+    leases_lost: AtomicU64,
     errors: Labeled,
     batch_docs: Histogram,
     batch_padded_tokens: Histogram,
@@ -136,6 +139,9 @@ impl Default for Metrics {
             superseded: AtomicU64::new(0),
             deleted: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            dead_letters_trimmed: AtomicU64::new(0),
+            leases_renewed: AtomicU64::new(0),
+            leases_lost: AtomicU64::new(0),
             dead_lettered: Labeled::declared(
                 &crate::pipeline::entry::DeadReason::ALL.map(|r| r.as_str()),
             ),
@@ -174,6 +180,22 @@ impl Metrics {
         self.dead_lettered.add(reason, 1);
     }
     /// An error of `kind` ("redis", "model", ...) that was handled (retried or isolated).
+    /// Dead letters removed by the stream's MAXLEN cap.
+    pub fn dead_letters_trimmed(&self, n: u64) {
+        self.dead_letters_trimmed.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn dead_letters_trimmed_total(&self) -> u64 {
+        self.dead_letters_trimmed.load(Ordering::Relaxed)
+    }
+    /// Entries whose idle time a renewal reset, and held entries found owned by another consumer.
+    pub fn leases(&self, renewed: usize, lost: usize) {
+        self.leases_renewed
+            .fetch_add(renewed as u64, Ordering::Relaxed);
+        self.leases_lost.fetch_add(lost as u64, Ordering::Relaxed);
+    }
+    pub fn leases_lost_total(&self) -> u64 {
+        self.leases_lost.load(Ordering::Relaxed)
+    }
     pub fn error(&self, kind: &str) {
         self.errors.add(kind, 1);
     }
@@ -261,6 +283,24 @@ impl Metrics {
             "documents_acked_total",
             "Stream entries acknowledged (XACK) once done: written, deleted, superseded, or already applied. Dead letters are acked too but counted only in embed_worker_dead_letters_total, so every entry handled is acked_total + dead_letters_total.",
             self.acked.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "dead_letters_trimmed_total",
+            "Dead letters removed from the dead-letter stream by its cap (stream.dead_letter_maxlen), estimated from XLEN before and after the XADDs (in the same pipeline).",
+            self.dead_letters_trimmed.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "leases_renewed_total",
+            "Renewals of held entries (XCLAIM JUSTID resets their idle time, so no other worker reclaims them); one per entry per renewal.",
+            self.leases_renewed.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "leases_lost_total",
+            "Entries this worker still held that another consumer had already reclaimed (this worker was cut off from Redis or stalled past claim_idle); not renewed, so the work is done twice, never lost.",
+            self.leases_lost.load(Ordering::Relaxed),
         );
         for (name, help, labeled, label) in [
             (

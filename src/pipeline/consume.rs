@@ -101,7 +101,13 @@ pub async fn reader(
             }
             continue;
         }
-        ctx.took(read.entries.len() + read.deleted.len());
+        let taken: Vec<(&str, u64)> = read
+            .entries
+            .iter()
+            .map(|e| (e.id.as_str(), e.deliveries))
+            .chain(read.deleted.iter().map(|id| (id.as_str(), 1)))
+            .collect();
+        ctx.took(&taken);
         let (docs, rest) = route(&ctx, read);
         if !rest.is_empty() && writes.send(rest).await.is_err() {
             break;
@@ -159,10 +165,12 @@ async fn read_step(
         claim_cursor,
     } = cursors;
     let idle_drain = options.drain && ctx.in_flight() == 0;
+    // Fail closed: an entry whose delivery count cannot be read counts as one too many.
+    let unknown = s.max_deliveries.saturating_add(1);
     let count = ctx.read_ahead.count();
     // The lag and pending gauges are kept current by observe::probe, once a second.
     if let Source::OwnPending(from) = source {
-        let read = stream::read(conn, g, from, count, None).await?;
+        let read = stream::read(conn, g, from, count, None, unknown).await?;
         match read
             .entries
             .last()
@@ -181,7 +189,8 @@ async fn read_step(
         }
     }
     if Instant::now() >= *next_claim || idle_drain {
-        let (cursor, read) = stream::autoclaim(conn, g, s.claim_idle, claim_cursor, count).await?;
+        let (cursor, read) =
+            stream::autoclaim(conn, g, s.claim_idle, claim_cursor, count, unknown).await?;
         let wrapped = cursor == "0-0";
         *claim_cursor = cursor;
         if wrapped {
@@ -209,7 +218,7 @@ async fn read_step(
     } else {
         s.block
     };
-    let mut read = stream::read(conn, g, ">", count, Some(block)).await?;
+    let mut read = stream::read(conn, g, ">", count, Some(block), unknown).await?;
     let wait = ctx.settings.batch.max_wait;
     if !read.entries.is_empty()
         && read.entries.len() < ctx.settings.batch.max_docs
@@ -222,6 +231,7 @@ async fn read_step(
             ">",
             count - read.entries.len().min(count - 1),
             Some(wait),
+            unknown,
         )
         .await?;
         read.entries.extend(more.entries);

@@ -2,9 +2,16 @@
 //! into length-aware batches (the one place batches are cut, [`batch::plan`](super::batch::plan)),
 //! and runs each through the model thread. A batch the model rejects is split in halves until
 //! the culprit is alone; only it is dead-lettered.
+//!
+//! The watchdog: a call running longer than `model.timeout` means the model thread is stuck (a
+//! text that makes it hang). It cannot be interrupted, so the worker turns unready, stops
+//! renewing its leases, logs the batch's entries and exits non-zero; the entries go back to the
+//! group with their delivery counts raised. Entries delivered [`SUSPECT_DELIVERIES`] times or
+//! more are embedded alone, so after two such failures the innocent batch-mates of a hanging
+//! text get through, and only the text itself runs into `max_deliveries`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
@@ -14,8 +21,12 @@ use super::op::{Embedded, Write};
 use super::shared::Ctx;
 use super::tokenize::Tokenized;
 use super::WorkerError;
-use crate::model::{Encoded, Model, ModelError, ModelHandle};
+use crate::model::{Encoded, Model, ModelHandle};
 use crate::observe::metrics::{Metrics, Stage};
+
+/// Entries delivered this often (they were in hand when a worker died or hung at least twice)
+/// are embedded one per model call.
+pub const SUSPECT_DELIVERIES: u64 = 3;
 
 pub async fn embedder(
     ctx: Arc<Ctx>,
@@ -33,7 +44,27 @@ pub async fn embedder(
             queued.push(more);
         }
         for batch in batches(queued, limits) {
-            let done = embed_batch(&model.handle, batch, &ctx.metrics).await?;
+            let done = match embed_batch(
+                &model.handle,
+                batch,
+                &ctx.metrics,
+                ctx.settings.model.timeout,
+            )
+            .await
+            {
+                Ok(done) => done,
+                Err(e) => {
+                    if let WorkerError::ModelStuck { entries, timeout } = &e {
+                        ctx.health.set_model_stuck();
+                        ctx.leases.stop();
+                        tracing::error!(timeout = %humantime::format_duration(*timeout),
+                            entries = %entries.join(" "),
+                            "model call past model.timeout: the model thread is stuck; no more lease renewals, exiting");
+                        spare_the_bystanders(&ctx, entries).await;
+                    }
+                    return Err(e);
+                }
+            };
             if writes.send(done).await.is_err() {
                 return Ok(());
             }
@@ -42,40 +73,85 @@ pub async fn embedder(
     Ok(())
 }
 
-/// Cuts tokenised reads into batches under the limits.
+/// The entries held but not in the stuck batch were only queued behind it: their delivery
+/// counts are set back to what they were before this delivery, so the redelivery that follows
+/// the exit does not push them towards `max_deliveries` for a text they do not contain. Best
+/// effort, on a fresh connection: if it fails, their counts rise by one, as after a crash.
+async fn spare_the_bystanders(ctx: &Ctx, stuck: &[String]) {
+    let bystanders: Vec<(String, u64)> = ctx
+        .leases
+        .held_with_deliveries()
+        .into_iter()
+        .filter(|(id, _)| !stuck.contains(id))
+        .map(|(id, n)| (id, n.saturating_sub(1)))
+        .collect();
+    if bystanders.is_empty() {
+        return;
+    }
+    let reset = async {
+        let mut conn = ctx.store.connect().await.map_err(|e| e.to_string())?;
+        crate::store::stream::set_delivery_counts(&mut conn, &ctx.group, &bystanders)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(ctx.settings.redis.command_timeout, reset).await {
+        Ok(Ok(())) => {
+            tracing::info!(entries = bystanders.len(), "delivery counts of the entries queued behind the stuck batch set back")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not set back the delivery counts of the entries queued behind the stuck batch")
+        }
+        Err(_) => tracing::warn!(
+            "timed out setting back the delivery counts of the entries queued behind the stuck batch"
+        ),
+    }
+}
+
+/// Cuts tokenised reads into batches under the limits; suspects (delivered
+/// [`SUSPECT_DELIVERIES`] times or more) come first, one per batch.
 pub fn batches(reads: Vec<Tokenized>, limits: BatchLimits) -> Vec<Tokenized> {
     let mut docs = Vec::new();
     let mut encoded = Vec::new();
+    let mut alone = Vec::new();
     for t in reads {
-        docs.extend(t.docs.into_iter().map(Some));
-        encoded.extend(t.encoded.into_iter().map(Some));
+        for (doc, enc) in t.docs.into_iter().zip(t.encoded) {
+            if doc.entry.deliveries >= SUSPECT_DELIVERIES {
+                alone.push(Tokenized {
+                    docs: vec![doc],
+                    encoded: vec![enc],
+                });
+            } else {
+                docs.push(Some(doc));
+                encoded.push(Some(enc));
+            }
+        }
     }
     let lengths: Vec<usize> = encoded
         .iter()
         .map(|e| e.as_ref().map_or(0, Encoded::len))
         .collect();
-    plan(&lengths, limits)
-        .into_iter()
-        .map(|idx| Tokenized {
-            docs: idx
-                .iter()
-                .map(|&i| docs[i].take().expect("plan lists each index once"))
-                .collect(),
-            encoded: idx
-                .iter()
-                .map(|&i| encoded[i].take().expect("plan lists each index once"))
-                .collect(),
-        })
-        .collect()
+    let planned = plan(&lengths, limits).into_iter().map(|idx| Tokenized {
+        docs: idx
+            .iter()
+            .map(|&i| docs[i].take().expect("plan lists each index once"))
+            .collect(),
+        encoded: idx
+            .iter()
+            .map(|&i| encoded[i].take().expect("plan lists each index once"))
+            .collect(),
+    });
+    alone.into_iter().chain(planned).collect()
 }
 
 /// Embeds one batch: each document as an upsert with its vector, or, when the model failed on
-/// it alone, as a dead letter. A fatal model error (the thread is gone) stops the worker.
+/// it alone, as a dead letter. A fatal model error (the thread is gone) stops the worker, and so
+/// does a call longer than `timeout` (the thread is stuck).
 pub async fn embed_batch(
     model: &ModelHandle,
     batch: Tokenized,
     metrics: &Metrics,
-) -> Result<Vec<Write>, ModelError> {
+    timeout: Duration,
+) -> Result<Vec<Write>, WorkerError> {
     let mut out = Vec::with_capacity(batch.docs.len());
     // Work list of sub-batches; a failing one is split until single documents remain.
     let mut work = vec![batch];
@@ -88,7 +164,14 @@ pub async fn embed_batch(
             b.docs.len(),
             padded_tokens(b.encoded.iter().map(Encoded::len)),
         );
-        match model.embed(b.encoded.clone()).await {
+        let call = tokio::time::timeout(timeout, model.embed(b.encoded.clone())).await;
+        let Ok(result) = call else {
+            return Err(WorkerError::ModelStuck {
+                timeout,
+                entries: b.docs.iter().map(|d| d.entry.id.clone()).collect(),
+            });
+        };
+        match result {
             Ok(vectors) => {
                 metrics.stage(Stage::Model, started.elapsed());
                 metrics.embedded(vectors.len());
@@ -99,7 +182,7 @@ pub async fn embed_batch(
                         .map(|(doc, vector)| Write::Upsert(Embedded { doc, vector })),
                 );
             }
-            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) if e.is_fatal() => return Err(e.into()),
             Err(e) => {
                 metrics.error("model");
                 if b.docs.len() == 1 {
@@ -193,5 +276,26 @@ mod tests {
         assert!(out.iter().all(
             |b| padded_tokens(b.encoded.iter().map(Encoded::len)) <= 2048 || b.docs.len() == 1
         ));
+    }
+
+    #[test]
+    fn suspects_are_embedded_alone_and_first() {
+        let limits = BatchLimits {
+            max_docs: 32,
+            max_tokens: 2048,
+        };
+        let mut read = tokenized(&[20, 21, 22, 23], 0);
+        read.docs[1].entry.deliveries = SUSPECT_DELIVERIES;
+        read.docs[3].entry.deliveries = SUSPECT_DELIVERIES + 1;
+        read.docs[2].entry.deliveries = SUSPECT_DELIVERIES - 1;
+        let out = batches(vec![read], limits);
+        let keys: Vec<Vec<&str>> = out
+            .iter()
+            .map(|b| b.docs.iter().map(|d| d.key.as_str()).collect())
+            .collect();
+        assert_eq!(keys[0], ["doc:1"]);
+        assert_eq!(keys[1], ["doc:3"]);
+        assert_eq!(keys.len(), 3, "the others still share one call: {keys:?}");
+        assert_eq!(out[2].encoded.len(), 2);
     }
 }

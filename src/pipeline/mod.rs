@@ -2,12 +2,14 @@
 //! [`consume`] (XREADGROUP / XAUTOCLAIM, sized by [`read_ahead`]; each entry an [`op::Op`] by
 //! [`entry`], newest per document) -> [`tokenize`] -> [`embed`] (batches cut by [`batch`], the
 //! model) -> [`write`] (versioned upserts and deletes, dead letters, then XACK) — wired together
-//! in [`worker`], sharing [`shared`].
+//! in [`worker`], sharing [`shared`]. Beside them, [`lease`] renews the entries in hand so no
+//! other worker reclaims a live worker's work.
 
 pub mod batch;
 pub mod consume;
 pub mod embed;
 pub mod entry;
+pub mod lease;
 pub mod op;
 pub mod read_ahead;
 pub mod shared;

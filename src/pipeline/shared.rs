@@ -9,6 +9,7 @@ use ::redis::aio::MultiplexedConnection;
 use tokio::sync::{watch, Notify};
 
 use super::entry::EntryRules;
+use super::lease::Leases;
 use super::read_ahead::ReadAhead;
 use super::WorkerError;
 use crate::observe::{Health, Metrics};
@@ -28,6 +29,8 @@ pub struct Ctx {
     pub health: Arc<Health>,
     /// Entries read but not yet acked (for `--drain`, and the read budget).
     in_flight: AtomicUsize,
+    /// The IDs of those entries, renewed so no other worker reclaims them while this one lives.
+    pub leases: Leases,
     /// Signalled whenever the reader's budget may have grown: entries were acked (the writer),
     /// or a read was tokenised and the read size updated (the tokeniser).
     pub budget_grew: Notify,
@@ -59,6 +62,7 @@ impl Ctx {
             metrics,
             health,
             in_flight: AtomicUsize::new(0),
+            leases: Leases::default(),
             budget_grew: Notify::new(),
             read_ahead: ReadAhead::new(
                 settings.stream.read_tokens,
@@ -76,14 +80,16 @@ impl Ctx {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The reader took `n` entries.
-    pub fn took(&self, n: usize) {
-        self.in_flight.fetch_add(n, Ordering::Relaxed);
+    /// The reader took these entries, (ID, delivery count): held, and renewed, until acked.
+    pub fn took(&self, entries: &[(&str, u64)]) {
+        self.in_flight.fetch_add(entries.len(), Ordering::Relaxed);
+        self.leases.hold(entries.iter().copied());
     }
 
-    /// The writer acked `n` entries.
-    pub fn released(&self, n: usize) {
-        self.in_flight.fetch_sub(n, Ordering::Relaxed);
+    /// The writer acked these entries.
+    pub fn released(&self, ids: &[String]) {
+        self.leases.release(ids);
+        self.in_flight.fetch_sub(ids.len(), Ordering::Relaxed);
         self.budget_grew.notify_one();
     }
 

@@ -5,6 +5,7 @@
 //! ```text
 //! consume --upserts(1)--> tokenize --reads(1)--> embed --writes(2)--> write
 //!    \______________ deletes, dead letters, acks (2) _______________/
+//!       (lease renewer: keeps what consume took and write has not acked yet)
 //! ```
 //! Shutdown is a parameter: when it resolves the reader stops, the stages finish what they hold
 //! (write, ack) and `run` returns, or gives up after `worker.shutdown_timeout`, leaving the rest
@@ -21,6 +22,7 @@ use tokio::task::JoinSet;
 use super::consume::reader;
 use super::embed::embedder;
 use super::entry::Doc;
+use super::lease::renewer;
 use super::op::Write;
 use super::shared::{sleep_unless_stopped, Ctx};
 use super::tokenize::{tokenizer, Tokenized};
@@ -52,6 +54,17 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The model watchdog: one call ran longer than `model.timeout`. The model thread cannot be
+    /// interrupted, so the process must exit for the entries to be retried.
+    #[error(
+        "the model thread is stuck: a batch of {} document(s) ran longer than model.timeout ({}); \
+         exiting so its entries go back to the group (entries: {})",
+        entries.len(), humantime::format_duration(*timeout), entries.join(" ")
+    )]
+    ModelStuck {
+        timeout: Duration,
+        entries: Vec<String>,
+    },
 }
 
 /// Runs the worker until `shutdown` resolves (or, with `drain`, until nothing is left).
@@ -112,7 +125,15 @@ pub async fn run(
         write_tx.clone(),
     ));
     tasks.spawn(embedder(ctx.clone(), model.clone(), tokenized_rx, write_tx));
-    tasks.spawn(writer(ctx.clone(), write_rx));
+    let writing = ctx.clone();
+    tasks.spawn(async move {
+        let done = writer(writing.clone(), write_rx).await;
+        // Nothing is left to ack: renewing further would only keep a stopped worker's leftovers
+        // (a shutdown cut short) from other workers.
+        writing.leases.stop();
+        done
+    });
+    tasks.spawn(renewer(ctx.clone()));
 
     let started = Instant::now();
     let mut stop = stop_rx.clone();
@@ -127,12 +148,13 @@ pub async fn run(
             joined = tasks.join_next() => match joined {
                 None => break,
                 Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => { tasks.abort_all(); return Err(e); }
+                Some(Ok(Err(e))) => { ctx.leases.stop(); tasks.abort_all(); return Err(e); }
                 Some(Err(join)) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
                 Some(Err(_cancelled)) => {}
             },
             () = &mut deadline => {
                 timed_out = true;
+                ctx.leases.stop();
                 tracing::warn!(in_flight = ctx.in_flight(),
                     "shutdown_timeout reached; unfinished entries stay pending for another worker");
                 tasks.abort_all();

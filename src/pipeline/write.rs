@@ -117,7 +117,15 @@ impl Job {
                     detail: &l.detail,
                 })
                 .collect();
-            stream::add_dead_letters(conn, &ctx.group, &ctx.dead_stream, &records).await?;
+            let trimmed = stream::add_dead_letters(
+                conn,
+                &ctx.group,
+                &ctx.dead_stream,
+                ctx.settings.stream.dead_letter_maxlen,
+                &records,
+            )
+            .await?;
+            ctx.metrics.dead_letters_trimmed(trimmed);
             for l in self.dead.drain(..) {
                 // The one log line per failed entry: every failure path ends here, once it is durable.
                 tracing::warn!(entry = %l.entry.id, reason = %l.reason, detail = %l.detail,
@@ -130,7 +138,7 @@ impl Job {
             let ids: Vec<String> = self.acks.iter().chain(&self.dead_acks).cloned().collect();
             stream::ack(conn, &ctx.group, &ids).await?;
             ctx.metrics.acked(self.acks.len());
-            ctx.released(ids.len());
+            ctx.released(&ids);
             self.acks.clear();
             self.dead_acks.clear();
         }

@@ -21,8 +21,9 @@ ACL = parse_acl(ACL_FILE.read_text())
 WORKER_COMMANDS = {
     # connection set-up (AUTH and HELLO are always allowed; HELLO is listed for clarity)
     "ping", "hello", "client|setname", "client|setinfo",
-    # consume, ack, reclaim, dead-letter, housekeeping
-    "xreadgroup", "xack", "xadd", "xautoclaim", "xpending",
+    # consume, ack, reclaim, renew the leases on entries in hand (XCLAIM ... JUSTID), dead-letter,
+    # housekeeping
+    "xreadgroup", "xack", "xadd", "xautoclaim", "xclaim", "xpending",
     "xgroup|create", "xgroup|delconsumer",
     "xinfo|groups", "xinfo|consumers", "xinfo|stream", "xlen",
     # document writes: the embed_worker function library (src/store/documents.lua), loaded at
@@ -147,6 +148,9 @@ def test_worker_can_run_the_whole_pipeline(redis_server):
     assert worker.xpending_range(STREAM, GROUP, min="-", max="+", count=10)[0]["times_delivered"] == 1
     claimed = worker.xautoclaim(STREAM, GROUP, consumer, min_idle_time=0, start_id="0-0", count=10)
     assert [e[0] for e in claimed[1]] == [ids[2]]
+    # Renew the lease on it, as the worker does: idle reset, delivery count unchanged.
+    assert worker.xclaim(STREAM, GROUP, consumer, 0, [ids[2]], justid=True) == [ids[2]]
+    assert worker.xpending_range(STREAM, GROUP, min="-", max="+", count=10)[0]["times_delivered"] == 2
     worker.xadd(DEAD, {"id": "2", "error": "example"})
     assert worker.xack(STREAM, GROUP, ids[2]) == 1
 
@@ -167,7 +171,7 @@ FORBIDDEN_FOR_WORKER = [
     ("FLUSHALL",),
     ("MULTI",),
     ("EXISTS", "doc:1"),
-    ("XCLAIM", "embed:docs", "embedders", "c", "0", "0-1"),
+    ("XCLAIM", "other:stream", "embedders", "c", "0", "0-1", "JUSTID"),
     ("KEYS", "*"),
     ("SCAN", "0"),
     ("CONFIG", "SET", "maxmemory", "1"),

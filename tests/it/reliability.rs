@@ -874,6 +874,7 @@ fn a_document_the_model_fails_on_is_dead_lettered_alone() {
         handle: ModelHandle::spawn(FakeEmbedder {
             dimension: 384,
             poison_token: Some(zebra),
+            ..FakeEmbedder::default()
         }),
         config,
     };
@@ -921,7 +922,7 @@ fn a_document_the_model_fails_on_is_dead_lettered_alone() {
     // The others are written with the vectors the model gives them alone.
     let mut fake = FakeEmbedder {
         dimension: 384,
-        poison_token: None,
+        ..FakeEmbedder::default()
     };
     for (i, text) in texts.iter().enumerate() {
         let bytes: Option<Vec<u8>> = ::redis::cmd("HGET")

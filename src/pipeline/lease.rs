@@ -1,0 +1,142 @@
+//! Leases on the entries a worker holds. Entries queued inside a live worker age in the group's
+//! pending list exactly like those of a dead one, so without renewal any batch slower than
+//! `stream.claim_idle` would be reclaimed and redone by another worker. The reader registers
+//! every entry it takes, the writer releases each one it acks, and the [`renewer`] resets the
+//! idle time of those still held every `claim_idle / 3` (XCLAIM ... JUSTID: the delivery count
+//! stays as it is). `claim_idle` then only says how long a *dead* worker's entries wait.
+//!
+//! Renewal stops when the worker can no longer vouch for its work: when the connection is lost
+//! (nothing is renewed until it is back, and then only what is still this consumer's), and when
+//! the model watchdog finds the model thread stuck ([`Leases::stop`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use ::redis::aio::MultiplexedConnection;
+use tokio::sync::watch;
+
+use super::shared::{sleep_unless_stopped, Ctx};
+use super::WorkerError;
+use crate::store::stream;
+
+/// The entries this worker holds (read, not yet acked) with the delivery count each was read
+/// with, and whether they are still renewed.
+pub struct Leases {
+    held: Mutex<HashMap<String, u64>>,
+    /// Set once renewal must end: the writer is done, or the model is stuck.
+    stopped: watch::Sender<bool>,
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Self {
+            held: Mutex::new(HashMap::new()),
+            stopped: watch::channel(false).0,
+        }
+    }
+}
+
+impl Leases {
+    /// The reader took these entries: (entry ID, delivery count).
+    pub fn hold<'a>(&self, entries: impl IntoIterator<Item = (&'a str, u64)>) {
+        let mut held = self.lock();
+        held.extend(entries.into_iter().map(|(id, n)| (id.to_string(), n)));
+    }
+
+    /// The writer acked these entries.
+    pub fn release(&self, ids: &[String]) {
+        let mut held = self.lock();
+        for id in ids {
+            held.remove(id);
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
+    /// The entries held now.
+    pub fn held(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// The entries held now with the delivery count each was read with.
+    pub fn held_with_deliveries(&self) -> Vec<(String, u64)> {
+        self.lock().iter().map(|(id, n)| (id.clone(), *n)).collect()
+    }
+
+    /// No more renewals: what is held is left to idle, and to be reclaimed after `claim_idle`.
+    pub fn stop(&self) {
+        self.stopped.send_replace(true);
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        *self.stopped.borrow()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.held
+            .lock()
+            .expect("the lease set's lock is never held across a panic")
+    }
+}
+
+/// Renews the held entries every `claim_idle / 3` on its own connection until
+/// [`Leases::stop`]. Transient Redis errors drop the connection and retry with back-off (no
+/// renewal meanwhile, so a worker cut off from Redis lets its entries go); a refusal that will
+/// not fix itself (the ACL lacks XCLAIM) stops the worker.
+pub async fn renewer(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
+    let stop = ctx.leases.stopped.subscribe();
+    let interval = ctx.settings.lease_renew_interval();
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut backoff = ctx.backoff();
+    while sleep_unless_stopped(interval, &stop).await {
+        let held = ctx.leases.held();
+        if held.is_empty() {
+            continue;
+        }
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match ctx
+                .connect_with_retry(&stop, std::time::Duration::ZERO)
+                .await?
+            {
+                Some(c) => conn.insert(c),
+                None => break,
+            },
+        };
+        // The model may have been found stuck while this waited for the connection.
+        if ctx.leases.is_stopped() {
+            break;
+        }
+        match stream::renew(c, &ctx.group, &held).await {
+            Ok((renewed, lost)) => {
+                backoff.reset();
+                // Those acked since the snapshot are not lost.
+                let lost: Vec<String> = lost
+                    .into_iter()
+                    .filter(|id| ctx.leases.contains(id))
+                    .collect();
+                ctx.metrics.leases(renewed.len(), lost.len());
+                if !lost.is_empty() {
+                    // Reclaimed by another consumer while this one could not renew: the work is
+                    // redone there (harmless: the newest version wins on the server).
+                    ctx.leases.release(&lost);
+                    tracing::warn!(entries = lost.len(), first = %lost[0],
+                        "entries held here were reclaimed by another worker; not renewed (their work is done twice)");
+                }
+            }
+            Err(e) => {
+                let e = ctx.store.error(e);
+                if !ctx.transient(&e) {
+                    return Err(e.into());
+                }
+                conn = None;
+                if !sleep_unless_stopped(backoff.next_delay(), &stop).await {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
