@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand.
 
 pub mod bench;
+pub mod dlq;
 pub mod embed;
 pub mod enqueue;
 pub mod index;
@@ -41,6 +42,8 @@ pub enum Command {
     Enqueue(enqueue::Args),
     /// Create, drop or describe the index.
     Index(index::Args),
+    /// Dead letters: list them, replay them to the stream once fixed, or purge them.
+    Dlq(dlq::Args),
     /// Queue and index at a glance: stream length, lag, pending, consumers, dead letters, documents.
     Stats(stats::Args),
     /// Model-only throughput over texts from stdin, with no Redis (for `make bench`).
@@ -60,6 +63,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Index(args) => index::execute(settings, args),
         Command::BenchModel(args) => bench::execute(settings, args),
         Command::Stats(args) => stats::execute(settings, args),
+        Command::Dlq(args) => dlq::execute(settings, args),
     }
 }
 

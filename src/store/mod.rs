@@ -1,9 +1,10 @@
 //! The store: every command the worker sends to Redis, and the parsing of every reply.
 //! Connections from the settings ([`connect`]), the stream and its group ([`stream`]), document
-//! writes and deletes ([`documents`]), the FT index schema ([`index`]) and KNN queries ([`query`]).
+//! writes and deletes ([`documents`]), the dead-letter stream read back ([`dead_letters`]), the FT index schema ([`index`]) and KNN queries ([`query`]).
 //! (The external crate is spelled `::redis` inside this crate.)
 
 pub mod connect;
+pub mod dead_letters;
 pub mod documents;
 pub mod index;
 pub mod query;

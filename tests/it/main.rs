@@ -2,6 +2,7 @@
 //! processes with the Query Engine and the real ONNX model.
 
 mod common;
+mod dlq;
 mod leases;
 mod lifecycle;
 mod model;
