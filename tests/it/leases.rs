@@ -254,9 +254,89 @@ fn a_text_that_hangs_the_model_ends_as_a_dead_letter_and_its_batch_mates_are_ind
         "the stuck batch's entries are logged"
     );
     let letters = dead_letters(&mut conn, &names);
-    assert_eq!(letters.len(), 1, "{letters:?}");
+    let brief: Vec<(String, String)> = letters
+        .iter()
+        .map(|l| (text_of(l, "id"), text_of(l, "dead_reason")))
+        .collect();
+    assert_eq!(letters.len(), 1, "only the hanging text: {brief:?}");
     assert_eq!(text_of(&letters[0], "dead_reason"), "max_deliveries");
     assert_eq!(text_of(&letters[0], "dead_entry_id"), ids[2]);
     assert_eq!(hashes(&mut conn, &names, [0, 1, 3, 4, 5].into_iter()), 5);
     assert_eq!(pending(&mut conn, &names), 0);
+}
+
+#[test]
+fn the_watchdog_turns_the_worker_unready_and_names_the_stuck_batch() {
+    use embed_worker::model::fake::FakeEmbedder;
+    use embed_worker::model::{EmbeddingConfig, Model, ModelHandle, TextTokenizer};
+    use embed_worker::pipeline::WorkerError;
+    use std::sync::Arc;
+
+    let server = RedisServer::start();
+    let names = Names::new("stuck");
+    let mut conn = server.conn();
+    let texts = vec![
+        "a zebra crossed the road".to_string(),
+        "a calm sentence".to_string(),
+    ];
+    let ids = produce(&mut conn, &names, &texts, 0);
+    let dir = model_dir();
+    let config = EmbeddingConfig::load(&dir).unwrap();
+    let tokenizer = TextTokenizer::load(&dir, config.max_seq_length).unwrap();
+    let zebra = tokenizer.encode_one("zebra").unwrap().ids[1];
+    let model = Model {
+        tokenizer: Arc::new(tokenizer),
+        handle: ModelHandle::spawn(FakeEmbedder {
+            dimension: 384,
+            hang_token: Some(zebra),
+            ..FakeEmbedder::default()
+        }),
+        config,
+    };
+    let env = |k: &str, v: &str| (format!("EMBED_WORKER__{k}"), v.to_string());
+    let settings = embed_worker::Settings::load_from(
+        None,
+        vec![
+            env("REDIS__URL", &server.url()),
+            env("STREAM__NAME", &names.stream),
+            env("STREAM__GROUP", &names.group),
+            env("STREAM__CONSUMER", "stuck"),
+            env("INDEX__NAME", &names.index),
+            env("INDEX__PREFIX", &names.prefix),
+            env("MODEL__TIMEOUT", "500ms"),
+            env("BATCH__MAX_WAIT", "200ms"),
+            env("HTTP__LISTEN", ""),
+        ],
+    )
+    .unwrap();
+    let health = Arc::new(embed_worker::observe::Health::default());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let result = runtime.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            embed_worker::pipeline::run(
+                settings,
+                model,
+                Arc::new(embed_worker::observe::Metrics::default()),
+                health.clone(),
+                embed_worker::pipeline::RunOptions { drain: true },
+                std::future::pending(),
+            ),
+        )
+        .await
+    });
+    runtime.shutdown_background();
+    let err = result.expect("the watchdog ends the run").unwrap_err();
+    let WorkerError::ModelStuck { entries, .. } = &err else {
+        panic!("{err}");
+    };
+    assert!(entries.contains(&ids[0]), "{entries:?}");
+    assert!(err.to_string().contains("model.timeout"), "{err}");
+    assert!(
+        health.ready().unwrap_err().contains(&"model stuck"),
+        "{:?}",
+        health.ready()
+    );
+    // Nothing was acked: both entries are back in the group for a restart or another worker.
+    assert_eq!(pending(&mut conn, &names), 2);
 }
