@@ -363,3 +363,45 @@ impl Drop for Fleet {
         }
     }
 }
+
+/// A model for in-process runs (`embed_worker::pipeline::run`): the real tokenizer and config,
+/// and the fake embedder at the model seam. `fake` gets the id of the word "zebra", the marker
+/// the tests' fakes refuse or hang on.
+pub fn fake_model(
+    fake: impl FnOnce(i64) -> embed_worker::model::fake::FakeEmbedder,
+) -> embed_worker::model::Model {
+    use embed_worker::model::{EmbeddingConfig, Model, ModelHandle, TextTokenizer};
+    let dir = model_dir();
+    let config = EmbeddingConfig::load(&dir).unwrap();
+    let tokenizer = TextTokenizer::load(&dir, config.max_seq_length).unwrap();
+    let zebra = tokenizer.encode_one("zebra").unwrap().ids[1];
+    Model {
+        handle: ModelHandle::spawn(fake(zebra)),
+        tokenizer: std::sync::Arc::new(tokenizer),
+        config,
+    }
+}
+
+/// Settings for an in-process run against `server` with `names` and no metrics listener, plus
+/// `extra` as (KEY, value) for `EMBED_WORKER__KEY`.
+pub fn in_process_settings(
+    server: &RedisServer,
+    names: &Names,
+    consumer: &str,
+    extra: &[(&str, &str)],
+) -> embed_worker::Settings {
+    let env: Vec<(String, String)> = [
+        ("REDIS__URL", server.url().as_str()),
+        ("STREAM__NAME", &names.stream),
+        ("STREAM__GROUP", &names.group),
+        ("STREAM__CONSUMER", consumer),
+        ("INDEX__NAME", &names.index),
+        ("INDEX__PREFIX", &names.prefix),
+        ("HTTP__LISTEN", ""),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| (format!("EMBED_WORKER__{k}"), v.to_string()))
+    .collect();
+    embed_worker::Settings::load_from(None, env).unwrap()
+}

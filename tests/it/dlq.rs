@@ -160,7 +160,6 @@ fn dead_letters_are_listed_replayed_once_fixed_and_purged() {
 #[test]
 fn the_dead_letter_stream_stays_near_its_cap_and_trims_are_counted() {
     use embed_worker::model::fake::FakeEmbedder;
-    use embed_worker::model::{EmbeddingConfig, Model, ModelHandle, TextTokenizer};
 
     let server = RedisServer::start();
     let names = Names::new("cap");
@@ -177,32 +176,16 @@ fn the_dead_letter_stream_stays_near_its_cap_and_trims_are_counted() {
             .arg("x");
     }
     let _: Vec<String> = pipe.query(&mut conn).unwrap();
-    let dir = model_dir();
-    let config = EmbeddingConfig::load(&dir).unwrap();
-    let tokenizer = TextTokenizer::load(&dir, config.max_seq_length).unwrap();
-    let model = Model {
-        tokenizer: Arc::new(tokenizer),
-        handle: ModelHandle::spawn(FakeEmbedder {
-            dimension: 384,
-            ..FakeEmbedder::default()
-        }),
-        config,
-    };
-    let env = |k: &str, v: &str| (format!("EMBED_WORKER__{k}"), v.to_string());
-    let settings = embed_worker::Settings::load_from(
-        None,
-        vec![
-            env("REDIS__URL", &server.url()),
-            env("STREAM__NAME", &names.stream),
-            env("STREAM__GROUP", &names.group),
-            env("STREAM__CONSUMER", "cap"),
-            env("STREAM__DEAD_LETTER_MAXLEN", "100"),
-            env("INDEX__NAME", &names.index),
-            env("INDEX__PREFIX", &names.prefix),
-            env("HTTP__LISTEN", ""),
-        ],
-    )
-    .unwrap();
+    let model = fake_model(|_| FakeEmbedder {
+        dimension: 384,
+        ..FakeEmbedder::default()
+    });
+    let settings = in_process_settings(
+        &server,
+        &names,
+        "cap",
+        &[("STREAM__DEAD_LETTER_MAXLEN", "100")],
+    );
     let metrics = Arc::new(embed_worker::observe::Metrics::default());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let summary = runtime

@@ -268,7 +268,6 @@ fn a_text_that_hangs_the_model_ends_as_a_dead_letter_and_its_batch_mates_are_ind
 #[test]
 fn the_watchdog_turns_the_worker_unready_and_names_the_stuck_batch() {
     use embed_worker::model::fake::FakeEmbedder;
-    use embed_worker::model::{EmbeddingConfig, Model, ModelHandle, TextTokenizer};
     use embed_worker::pipeline::WorkerError;
     use std::sync::Arc;
 
@@ -280,35 +279,17 @@ fn the_watchdog_turns_the_worker_unready_and_names_the_stuck_batch() {
         "a calm sentence".to_string(),
     ];
     let ids = produce(&mut conn, &names, &texts, 0);
-    let dir = model_dir();
-    let config = EmbeddingConfig::load(&dir).unwrap();
-    let tokenizer = TextTokenizer::load(&dir, config.max_seq_length).unwrap();
-    let zebra = tokenizer.encode_one("zebra").unwrap().ids[1];
-    let model = Model {
-        tokenizer: Arc::new(tokenizer),
-        handle: ModelHandle::spawn(FakeEmbedder {
-            dimension: 384,
-            hang_token: Some(zebra),
-            ..FakeEmbedder::default()
-        }),
-        config,
-    };
-    let env = |k: &str, v: &str| (format!("EMBED_WORKER__{k}"), v.to_string());
-    let settings = embed_worker::Settings::load_from(
-        None,
-        vec![
-            env("REDIS__URL", &server.url()),
-            env("STREAM__NAME", &names.stream),
-            env("STREAM__GROUP", &names.group),
-            env("STREAM__CONSUMER", "stuck"),
-            env("INDEX__NAME", &names.index),
-            env("INDEX__PREFIX", &names.prefix),
-            env("MODEL__TIMEOUT", "500ms"),
-            env("BATCH__MAX_WAIT", "200ms"),
-            env("HTTP__LISTEN", ""),
-        ],
-    )
-    .unwrap();
+    let model = fake_model(|zebra| FakeEmbedder {
+        dimension: 384,
+        hang_token: Some(zebra),
+        ..FakeEmbedder::default()
+    });
+    let settings = in_process_settings(
+        &server,
+        &names,
+        "stuck",
+        &[("MODEL__TIMEOUT", "500ms"), ("BATCH__MAX_WAIT", "200ms")],
+    );
     let health = Arc::new(embed_worker::observe::Health::default());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let result = runtime.block_on(async {

@@ -849,15 +849,11 @@ fn a_redis_outage_and_a_busy_server_are_waited_out() {
 #[test]
 fn a_document_the_model_fails_on_is_dead_lettered_alone() {
     use embed_worker::model::fake::FakeEmbedder;
-    use embed_worker::model::{Embedder, EmbeddingConfig, Model, ModelHandle, TextTokenizer};
+    use embed_worker::model::Embedder;
     use std::sync::Arc;
 
     let server = RedisServer::start();
     let names = Names::new("iso");
-    let dir = model_dir();
-    let config = EmbeddingConfig::load(&dir).unwrap();
-    let tokenizer = TextTokenizer::load(&dir, config.max_seq_length).unwrap();
-    let zebra = tokenizer.encode_one("zebra").unwrap().ids[1];
     let texts: Vec<String> = (0..16)
         .map(|i| {
             if i == 11 {
@@ -869,31 +865,17 @@ fn a_document_the_model_fails_on_is_dead_lettered_alone() {
         .collect();
     let mut conn = server.conn();
     let ids = produce_texts(&mut conn, &names, &texts);
-    let model = Model {
-        tokenizer: Arc::new(tokenizer),
-        handle: ModelHandle::spawn(FakeEmbedder {
-            dimension: 384,
-            poison_token: Some(zebra),
-            ..FakeEmbedder::default()
-        }),
-        config,
-    };
-    let env = |k: &str, v: &str| (format!("EMBED_WORKER__{k}"), v.to_string());
-    let settings = embed_worker::Settings::load_from(
-        None,
-        vec![
-            env("REDIS__URL", &server.url()),
-            env("STREAM__NAME", &names.stream),
-            env("STREAM__GROUP", &names.group),
-            env("STREAM__CONSUMER", "iso"),
-            env("INDEX__NAME", &names.index),
-            env("INDEX__PREFIX", &names.prefix),
-            env("BATCH__MAX_DOCS", "16"),
-            env("BATCH__MAX_WAIT", "200ms"),
-            env("HTTP__LISTEN", ""),
-        ],
-    )
-    .unwrap();
+    let model = fake_model(|zebra| FakeEmbedder {
+        dimension: 384,
+        poison_token: Some(zebra),
+        ..FakeEmbedder::default()
+    });
+    let settings = in_process_settings(
+        &server,
+        &names,
+        "iso",
+        &[("BATCH__MAX_DOCS", "16"), ("BATCH__MAX_WAIT", "200ms")],
+    );
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let summary = runtime
         .block_on(async {
