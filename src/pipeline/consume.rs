@@ -76,10 +76,7 @@ pub async fn reader(
         let (read, from_new) = match read_step(&ctx, c, &mut cursors, options).await {
             Ok(r) => r,
             Err(e) => {
-                let e = ctx.store.error(e);
-                if !ctx.transient(&e) {
-                    return Err(e.into());
-                }
+                ctx.retry_or_stop(e)?;
                 conn = None;
                 if !sleep_unless_stopped(backoff.next_delay(), &stop).await {
                     break;

@@ -127,10 +127,7 @@ pub async fn renewer(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
                 }
             }
             Err(e) => {
-                let e = ctx.store.error(e);
-                if !ctx.transient(&e) {
-                    return Err(e.into());
-                }
+                ctx.retry_or_stop(e)?;
                 conn = None;
                 if !sleep_unless_stopped(backoff.next_delay(), &stop).await {
                     break;

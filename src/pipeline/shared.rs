@@ -113,6 +113,17 @@ impl Ctx {
         }
     }
 
+    /// A Redis command failed: `Ok` if it is worth retrying (the caller drops the connection and
+    /// backs off), the error to stop the worker with if a person must act.
+    pub fn retry_or_stop(&self, e: ::redis::RedisError) -> Result<(), WorkerError> {
+        let e = self.store.error(e);
+        if self.transient(&e) {
+            Ok(())
+        } else {
+            Err(e.into())
+        }
+    }
+
     /// Connects, retrying transient failures with back-off until `stop`. `None` = stopped first.
     /// `extra` lengthens the reply timeout (blocking reads).
     pub async fn connect_with_retry(

@@ -41,10 +41,7 @@ pub async fn writer(
             match job.run(&ctx, c).await {
                 Ok(()) => break,
                 Err(e) => {
-                    let e = ctx.store.error(e);
-                    if !ctx.transient(&e) {
-                        return Err(e.into());
-                    }
+                    ctx.retry_or_stop(e)?;
                     conn = None;
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
@@ -209,10 +206,10 @@ impl DocChange {
     }
 
     /// (document key, entry ID), for logs.
-    fn names(&self) -> (String, String) {
+    fn names(&self) -> (&str, &str) {
         match self {
-            DocChange::Upsert(e) => (e.doc.key.clone(), e.doc.entry.id.clone()),
-            DocChange::Delete(d) => (d.key.clone(), d.entry.id.clone()),
+            DocChange::Upsert(e) => (&e.doc.key, &e.doc.entry.id),
+            DocChange::Delete(d) => (&d.key, &d.entry.id),
         }
     }
 
