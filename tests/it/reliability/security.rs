@@ -294,23 +294,30 @@ fn tls_with_the_right_ca_runs_the_docs_example_and_a_wrong_ca_fails_fast() {
     }
 }
 
-#[test]
-fn the_deployed_acl_user_runs_the_docs_example_a_dead_letter_and_a_claim() {
+/// A server whose users are deploy/redis-acl.conf as `edit` leaves it, and the names its key
+/// patterns are written for. Keep the directory as long as the server.
+fn server_with_deployed_acl(
+    edit: impl FnOnce(String) -> String,
+) -> (RedisServer, Names, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let password = "acl-Secret-7731";
-    let acl = std::fs::read_to_string(root().join("deploy/redis-acl.conf"))
-        .unwrap()
-        .replace(">changeme", &format!(">{password}"));
+    let acl = std::fs::read_to_string(root().join("deploy/redis-acl.conf")).unwrap();
     let acl_file = dir.path().join("users.acl");
-    std::fs::write(&acl_file, acl).unwrap();
+    std::fs::write(&acl_file, edit(acl)).unwrap();
     let server = RedisServer::start_with(&["--aclfile", &path_str(&acl_file)]);
-    // The names the ACL's key patterns are written for.
     let names = Names {
         stream: "embed:docs".into(),
         group: "embedders".into(),
         index: "vector_idx".into(),
         prefix: "doc:".into(),
     };
+    (server, names, dir)
+}
+
+#[test]
+fn the_deployed_acl_user_runs_the_docs_example_a_dead_letter_and_a_claim() {
+    let password = "acl-Secret-7731";
+    let (server, names, _dir) =
+        server_with_deployed_acl(|acl| acl.replace(">changeme", &format!(">{password}")));
     let mut admin = server.conn(); // the default user, as the harness starts it
     let xadd = |conn: &mut ::redis::Connection, fields: &[&str]| -> String {
         ::redis::cmd("XADD")
@@ -461,19 +468,7 @@ fn the_deployed_acl_user_runs_the_docs_example_a_dead_letter_and_a_claim() {
 /// reports a refusal inside a function as `ERR ACL failure in script`, not NOPERM.
 #[test]
 fn an_acl_missing_a_command_of_the_functions_stops_the_worker_and_dead_letters_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let acl = std::fs::read_to_string(root().join("deploy/redis-acl.conf"))
-        .unwrap()
-        .replace(" +hkeys", "");
-    let acl_file = dir.path().join("users.acl");
-    std::fs::write(&acl_file, acl).unwrap();
-    let server = RedisServer::start_with(&["--aclfile", &path_str(&acl_file)]);
-    let names = Names {
-        stream: "embed:docs".into(),
-        group: "embedders".into(),
-        index: "vector_idx".into(),
-        prefix: "doc:".into(),
-    };
+    let (server, names, _dir) = server_with_deployed_acl(|acl| acl.replace(" +hkeys", ""));
     let mut admin = server.conn();
     let _: String = ::redis::cmd("XADD")
         .arg(&["embed:docs", "*", "id", "0", "content", DOCS[0].0][..])
