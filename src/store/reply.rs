@@ -17,6 +17,14 @@ pub fn text(v: &Value) -> String {
 }
 
 /// A reply value as bytes (bulk strings as given; anything else as its text).
+/// A bulk string's bytes, moved out of the reply (texts may be megabytes).
+pub fn into_bytes(v: Value) -> Vec<u8> {
+    match v {
+        Value::BulkString(b) => b,
+        other => text(&other).into_bytes(),
+    }
+}
+
 pub fn bytes(v: &Value) -> Vec<u8> {
     match v {
         Value::BulkString(b) => b.clone(),

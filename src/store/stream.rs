@@ -7,7 +7,7 @@ use std::time::Duration;
 use ::redis::aio::MultiplexedConnection;
 use ::redis::{RedisError, Value};
 
-use super::reply::{self, bytes, text, GroupInfo};
+use super::reply::{self, into_bytes, text, GroupInfo};
 
 /// A raw stream entry: its ID and field/value pairs, bytes as Redis gave them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,18 +78,23 @@ pub async fn read(
     cmd.arg("STREAMS").arg(&g.stream).arg(cursor);
     let reply: Value = cmd.query_async(conn).await?;
     let mut read = Read::default();
-    if let Value::Array(streams) | Value::Set(streams) = &reply {
-        for s in streams {
-            if let Value::Array(pair) = s {
-                if let Some(entries) = pair.get(1) {
-                    parse_entries(entries, &mut read);
+    // Consumed, not borrowed: each field's bytes move into the entry instead of being copied.
+    match reply {
+        Value::Array(streams) | Value::Set(streams) => {
+            for s in streams {
+                if let Value::Array(mut pair) = s {
+                    if pair.len() > 1 {
+                        parse_entries(pair.swap_remove(1), &mut read);
+                    }
                 }
             }
         }
-    } else if let Value::Map(streams) = &reply {
-        for (_, entries) in streams {
-            parse_entries(entries, &mut read);
+        Value::Map(streams) => {
+            for (_, entries) in streams {
+                parse_entries(entries, &mut read);
+            }
         }
+        _ => {}
     }
     if cursor != ">" && !read.entries.is_empty() {
         let counts = delivery_counts(conn, g, &read.entries).await?;
@@ -121,11 +126,12 @@ pub async fn autoclaim(
         .await?;
     let mut read = Read::default();
     let mut next = "0-0".to_string();
-    if let Value::Array(parts) = &reply {
-        if let Some(cursor) = parts.first() {
-            next = text(cursor);
+    if let Value::Array(parts) = reply {
+        let mut parts = parts.into_iter();
+        if let Some(cursor) = parts.next() {
+            next = text(&cursor);
         }
-        if let Some(entries) = parts.get(1) {
+        if let Some(entries) = parts.next() {
             parse_entries(entries, &mut read);
         }
         // Entries deleted from the stream: XAUTOCLAIM already removed them from the PEL.
@@ -373,37 +379,38 @@ pub async fn delete_idle_consumers(
     Ok(deleted)
 }
 
-fn parse_entries(entries: &Value, read: &mut Read) {
+fn parse_entries(entries: Value, read: &mut Read) {
     let Value::Array(list) = entries else { return };
     for item in list {
         let Value::Array(parts) = item else { continue };
-        let Some(id) = parts.first().map(text) else {
+        let mut parts = parts.into_iter();
+        let Some(id) = parts.next().map(|v| text(&v)) else {
             continue;
         };
-        match parts.get(1) {
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = match parts.next() {
             Some(Value::Array(kv)) => {
-                let fields = kv
-                    .chunks(2)
-                    .filter(|c| c.len() == 2)
-                    .map(|c| (bytes(&c[0]), bytes(&c[1])))
-                    .collect();
-                read.entries.push(RawEntry {
-                    id,
-                    fields,
-                    deliveries: 1,
-                });
+                let mut kv = kv.into_iter();
+                let mut fields = Vec::with_capacity(kv.len() / 2);
+                while let (Some(k), Some(v)) = (kv.next(), kv.next()) {
+                    fields.push((into_bytes(k), into_bytes(v)));
+                }
+                fields
             }
-            Some(Value::Map(kv)) => {
-                let fields = kv.iter().map(|(k, v)| (bytes(k), bytes(v))).collect();
-                read.entries.push(RawEntry {
-                    id,
-                    fields,
-                    deliveries: 1,
-                });
-            }
+            Some(Value::Map(kv)) => kv
+                .into_iter()
+                .map(|(k, v)| (into_bytes(k), into_bytes(v)))
+                .collect(),
             // A pending entry whose stream entry was deleted or trimmed.
-            _ => read.deleted.push(id),
-        }
+            _ => {
+                read.deleted.push(id);
+                continue;
+            }
+        };
+        read.entries.push(RawEntry {
+            id,
+            fields,
+            deliveries: 1,
+        });
     }
 }
 
