@@ -15,9 +15,9 @@ pub const HANG_HOOK: &str = "EMBED_WORKER_FAULT_FAKE_MODEL_HANGS_ON";
 pub struct FakeEmbedder {
     pub dimension: usize,
     /// A token id that makes the whole batch fail, to exercise batch isolation.
-    pub poison_token: Option<i64>,
+    pub poison_token: Option<u32>,
     /// A token id that makes the call never return, like a model stuck on a text.
-    pub hang_token: Option<i64>,
+    pub hang_token: Option<u32>,
 }
 
 impl FakeEmbedder {

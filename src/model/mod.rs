@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 pub use config::EmbeddingConfig;
 pub use thread::ModelHandle;
-pub use tokenize::{Encoded, TextTokenizer};
+pub use tokenize::{Encoded, TextTokenizer, Tokens};
 
 /// Something that turns tokenised texts into vectors of `dimension()` floats.
 pub trait Embedder: Send + 'static {

@@ -201,12 +201,12 @@ impl Embedder for OnnxEmbedder {
         let cols = batch.iter().map(Encoded::len).max().unwrap_or(0).max(1);
         let mut ids = Array2::<i64>::zeros((rows, cols));
         let mut mask = Array2::<i64>::zeros((rows, cols));
-        let mut types = Array2::<i64>::zeros((rows, cols));
+        // One sequence per row: every token type is 0.
+        let types = Array2::<i64>::zeros((rows, cols));
         for (r, enc) in batch.iter().enumerate() {
-            for (c, (&id, &ty)) in enc.ids.iter().zip(&enc.type_ids).enumerate() {
-                ids[[r, c]] = id;
+            for (c, &id) in enc.ids.iter().enumerate() {
+                ids[[r, c]] = i64::from(id);
                 mask[[r, c]] = 1;
-                types[[r, c]] = ty;
             }
         }
         let infer = |e: ort::Error| ModelError::Inference(e.to_string());

@@ -1,6 +1,7 @@
 //! Tokenisation with the model's own `tokenizer.json`, overriding what it has baked in:
 //! truncation at the model's max sequence length (not the file's 128) and no fixed padding
-//! (the model thread pads each batch to its longest member).
+//! (the model thread pads each batch to its longest member). [`TextTokenizer::tokens`] gives
+//! the whole text, untruncated, with offsets, for cutting into chunks.
 
 use std::path::{Path, PathBuf};
 
@@ -8,11 +9,22 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 
 use super::ModelError;
 
-/// One tokenised text, unpadded.
+/// One tokenised text, unpadded: the model's input ids (special tokens included). Its token
+/// type ids are all 0 (one sequence), so they are not kept: 4 bytes a token, where the
+/// tokenizer's own encoding takes ~60.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
-    pub ids: Vec<i64>,
-    pub type_ids: Vec<i64>,
+    pub ids: Vec<u32>,
+}
+
+/// A whole text tokenised, untruncated: the text's token ids with each one's byte offsets in
+/// the text, and the special tokens the model expects before and after them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<(usize, usize)>,
+    pub prefix: Vec<u32>,
+    pub suffix: Vec<u32>,
 }
 
 impl Encoded {
@@ -26,7 +38,10 @@ impl Encoded {
 
 #[derive(Clone)]
 pub struct TextTokenizer {
+    /// Truncating at the model's longest input.
     inner: Tokenizer,
+    /// The same, without truncation.
+    whole: Tokenizer,
     path: PathBuf,
 }
 
@@ -42,6 +57,11 @@ impl TextTokenizer {
             return Err(err("file not found".into()));
         }
         let mut inner = Tokenizer::from_file(&path).map_err(|e| err(e.to_string()))?;
+        inner.with_padding(None);
+        let mut whole = inner.clone();
+        whole
+            .with_truncation(None)
+            .map_err(|e| err(e.to_string()))?;
         inner
             .with_truncation(Some(TruncationParams {
                 max_length: max_len,
@@ -50,8 +70,7 @@ impl TextTokenizer {
                 direction: TruncationDirection::Right,
             }))
             .map_err(|e| err(e.to_string()))?;
-        inner.with_padding(None);
-        Ok(Self { inner, path })
+        Ok(Self { inner, whole, path })
     }
 
     /// Tokenises texts (with special tokens), each truncated, none padded.
@@ -65,8 +84,30 @@ impl TextTokenizer {
             .encode(text, true)
             .map_err(|e| ModelError::Tokenize(format!("{}: {e}", self.path.display())))?;
         Ok(Encoded {
-            ids: enc.get_ids().iter().map(|&i| i64::from(i)).collect(),
-            type_ids: enc.get_type_ids().iter().map(|&i| i64::from(i)).collect(),
+            ids: enc.get_ids().to_vec(),
+        })
+    }
+
+    /// The whole text, untruncated, with byte offsets (for [`crate::pipeline::chunk::cut`]).
+    pub fn tokens(&self, text: &str) -> Result<Tokens, ModelError> {
+        let enc = self
+            .whole
+            .encode(text, true)
+            .map_err(|e| ModelError::Tokenize(format!("{}: {e}", self.path.display())))?;
+        let special = enc.get_special_tokens_mask();
+        let ids = enc.get_ids();
+        let lead = special.iter().take_while(|&&m| m == 1).count();
+        let trail = special[lead..]
+            .iter()
+            .rev()
+            .take_while(|&&m| m == 1)
+            .count();
+        let body = lead..ids.len() - trail;
+        Ok(Tokens {
+            ids: ids[body.clone()].to_vec(),
+            offsets: enc.get_offsets()[body.clone()].to_vec(),
+            prefix: ids[..body.start].to_vec(),
+            suffix: ids[body.end..].to_vec(),
         })
     }
 }

@@ -368,7 +368,7 @@ impl Drop for Fleet {
 /// and the fake embedder at the model seam. `fake` gets the id of the word "zebra", the marker
 /// the tests' fakes refuse or hang on.
 pub fn fake_model(
-    fake: impl FnOnce(i64) -> embed_worker::model::fake::FakeEmbedder,
+    fake: impl FnOnce(u32) -> embed_worker::model::fake::FakeEmbedder,
 ) -> embed_worker::model::Model {
     use embed_worker::model::{EmbeddingConfig, Model, ModelHandle, TextTokenizer};
     let dir = model_dir();
