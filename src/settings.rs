@@ -25,6 +25,7 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub stream: StreamSettings,
     pub index: IndexSettings,
+    pub chunk: ChunkSettings,
     pub model: ModelSettings,
     pub batch: BatchSettings,
     pub worker: WorkerSettings,
@@ -102,6 +103,11 @@ pub struct StreamSettings {
     pub dead_letter_stream: String,
     /// Approximate cap of the dead-letter stream in entries (XADD MAXLEN ~); 0 = no cap.
     pub dead_letter_maxlen: u64,
+    /// Most bytes of entries one read may bring in (several XREADGROUPs of at most
+    /// `read_bytes / max_entry_bytes` entries each).
+    pub read_bytes: usize,
+    /// Largest accepted entry, in bytes (field names and values); larger ones are dead-lettered.
+    pub max_entry_bytes: usize,
     /// Longest accepted text, in bytes.
     pub max_text_bytes: usize,
     /// Longest accepted document id, in bytes.
@@ -133,6 +139,28 @@ pub struct IndexSettings {
     /// document back.
     #[serde(with = "humantime_serde")]
     pub tombstone_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkSettings {
+    /// "tokens" (long texts are cut into chunks, each its own vector) or "none" (truncated).
+    pub strategy: ChunkStrategy,
+    /// Tokens per chunk, counting the model's [CLS] and [SEP]; at most its max_seq_length.
+    pub size: usize,
+    /// Tokens two consecutive chunks share.
+    pub overlap: usize,
+    /// Most chunks per document; a longer document is dead-lettered (too_many_chunks).
+    pub max_chunks: usize,
+    /// TAG field holding the parent document's id in each chunk of a multi-chunk document.
+    pub parent_field: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkStrategy {
+    Tokens,
+    None,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -336,6 +364,50 @@ impl Settings {
                     .into(),
             );
         }
+        if self.stream.max_entry_bytes < self.stream.max_text_bytes {
+            return bad(format!(
+                "stream.max_entry_bytes ({}) must be at least stream.max_text_bytes ({})",
+                self.stream.max_entry_bytes, self.stream.max_text_bytes
+            ));
+        }
+        if self.stream.read_bytes < self.stream.max_entry_bytes {
+            return bad(format!(
+                "stream.read_bytes ({}) must be at least stream.max_entry_bytes ({}): a read must hold the largest entry",
+                self.stream.read_bytes, self.stream.max_entry_bytes
+            ));
+        }
+        let c = &self.chunk;
+        if c.strategy == ChunkStrategy::Tokens {
+            if c.size < 8 {
+                return bad(format!(
+                    "chunk.size must be at least 8 tokens, got {}",
+                    c.size
+                ));
+            }
+            if c.overlap * 2 > c.size - 2 {
+                return bad(format!(
+                    "chunk.overlap ({}) must be at most half of chunk.size minus [CLS] and [SEP] ({})",
+                    c.overlap,
+                    (c.size - 2) / 2
+                ));
+            }
+            if c.max_chunks == 0 {
+                return bad("chunk.max_chunks must be > 0".into());
+            }
+            let taken = [
+                &self.stream.text_field,
+                &self.stream.id_field,
+                &self.stream.op_field,
+                &self.stream.version_field,
+                &self.index.vector_field,
+            ];
+            if c.parent_field.trim().is_empty() || taken.contains(&&c.parent_field) {
+                return bad(format!(
+                    "chunk.parent_field {:?} must be a name of its own (not empty, not a stream field or the vector field)",
+                    c.parent_field
+                ));
+            }
+        }
         if self.model.timeout.is_zero() {
             return bad("model.timeout must be > 0".into());
         }
@@ -368,6 +440,11 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// The TAG field of a chunk's parent id while chunking is on.
+    pub fn parent_field(&self) -> Option<&str> {
+        (self.chunk.strategy == ChunkStrategy::Tokens).then_some(self.chunk.parent_field.as_str())
     }
 
     /// The consumer name: configured, or "<hostname>-<pid>".
