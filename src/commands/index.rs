@@ -33,7 +33,14 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
             Action::Create => {
                 // The dimension comes from the model's facts, not a constant.
                 let dim = EmbeddingConfig::load(&settings.model.dir)?.dimension;
-                let created = index::ensure(&store, &mut conn, &settings.index, dim).await?;
+                let created = index::ensure(
+                    &store,
+                    &mut conn,
+                    &settings.index,
+                    settings.parent_field(),
+                    dim,
+                )
+                .await?;
                 println!(
                     "{} {}",
                     settings.index.name,

@@ -19,14 +19,27 @@ use crate::settings::Settings;
 /// The function library, loaded with FUNCTION LOAD REPLACE when the server lacks this version.
 pub const LIBRARY: &str = include_str!("documents.lua");
 /// Must equal `LIBRARY_VERSION` in documents.lua (a unit test checks); bump both on any change.
-const LIBRARY_VERSION: &str = "2";
+const LIBRARY_VERSION: &str = "3";
 
 /// Bookkeeping fields of every document hash: the producer version ("0" when the entry had
-/// none) and the stream entry ID of the version stored. Not in the index schema, so never
-/// indexed; an entry carrying a field of either name is refused (reserved_field).
+/// none) and the stream entry ID of the version stored; in each chunk of a multi-chunk document
+/// also the number of chunks. Not in the index schema, so never indexed; an entry carrying a
+/// field of any of these names is refused (reserved_field).
 pub const VERSION_FIELD: &str = "__ew_version";
 pub const ENTRY_FIELD: &str = "__ew_entry";
-pub const BOOKKEEPING_FIELDS: [&str; 2] = [VERSION_FIELD, ENTRY_FIELD];
+pub const CHUNKS_FIELD: &str = "__ew_chunks";
+pub const BOOKKEEPING_FIELDS: [&str; 3] = [VERSION_FIELD, ENTRY_FIELD, CHUNKS_FIELD];
+
+/// The fields of each chunk of a multi-chunk document, besides the parent TAG
+/// (`chunk.parent_field`), its text and the entry's other fields: its number from 0, and its
+/// span in characters of the document's text (end exclusive).
+pub const CHUNK_FIELD: &str = "chunk";
+pub const CHUNK_START_FIELD: &str = "chunk_start";
+pub const CHUNK_END_FIELD: &str = "chunk_end";
+pub const CHUNK_FIELDS: [&str; 3] = [CHUNK_FIELD, CHUNK_START_FIELD, CHUNK_END_FIELD];
+
+/// Between a document key and its chunk number in a chunk's key: `doc:42#3`.
+pub const CHUNK_SEPARATOR: char = '#';
 
 /// A document version, ordered as it wins: by the producer's version (0 when the entry had
 /// none), then by stream entry ID (XADD order).
@@ -60,10 +73,12 @@ impl fmt::Display for EntryId {
     }
 }
 
-/// How documents are stored: key layout and tombstones.
+/// How documents are stored: key layout, chunk fields and tombstones.
 #[derive(Debug, Clone)]
 pub struct DocStore {
     vector_field: String,
+    text_field: String,
+    parent_field: String,
     tombstone_prefix: String,
     tombstone_ttl: Duration,
 }
@@ -72,9 +87,16 @@ impl DocStore {
     pub fn from_settings(s: &Settings) -> Self {
         Self {
             vector_field: s.index.vector_field.clone(),
+            text_field: s.stream.text_field.clone(),
+            parent_field: s.chunk.parent_field.clone(),
             tombstone_prefix: s.index.tombstone_prefix.clone(),
             tombstone_ttl: s.index.tombstone_ttl,
         }
+    }
+
+    /// The key of chunk `n` of the multi-chunk document at `key`.
+    pub fn chunk_key(key: &str, n: usize) -> String {
+        format!("{key}{CHUNK_SEPARATOR}{n}")
     }
 
     /// The tombstone of the document at `key`: outside the index prefix, and hash-tagged with
@@ -87,15 +109,60 @@ impl DocStore {
 /// One change to one document.
 #[derive(Debug)]
 pub enum Change<'a> {
-    /// Replace the document with exactly these fields and the vector, unless a newer version is stored.
+    /// Replace the document with exactly this body, unless a newer version is stored.
     Upsert {
         key: &'a str,
         version: Version,
+        body: Body<'a>,
+    },
+    /// Remove the document (every chunk) and leave a tombstone, unless a newer version is stored.
+    Delete { key: &'a str, version: Version },
+}
+
+/// What an upsert stores.
+#[derive(Debug)]
+pub enum Body<'a> {
+    /// A document that fits one chunk: one hash at its key, these fields and the vector.
+    Whole {
         fields: Vec<(&'a [u8], &'a [u8])>,
         vector: &'a [f32],
     },
-    /// Remove the document and leave a tombstone, unless a newer version is stored.
-    Delete { key: &'a str, version: Version },
+    /// A longer document: one hash per chunk (`<key>#<n>`), each holding the parent id, the
+    /// `shared` fields (the entry's fields but the text) and its own text, number, span and vector.
+    Chunks {
+        parent: &'a str,
+        shared: Vec<(&'a [u8], &'a [u8])>,
+        chunks: Vec<ChunkBody<'a>>,
+    },
+}
+
+/// One chunk of a multi-chunk document.
+#[derive(Debug)]
+pub struct ChunkBody<'a> {
+    pub text: &'a str,
+    /// Character offsets in the document's text, end exclusive.
+    pub chars: std::ops::Range<usize>,
+    pub vector: &'a [f32],
+}
+
+impl Change<'_> {
+    /// Chunk keys to declare when nothing is known of the stored document: as many as this
+    /// change writes (at least chunk 0, where a multi-chunk document keeps its version).
+    fn chunk_keys_needed(&self) -> usize {
+        match self {
+            Change::Upsert {
+                body: Body::Chunks { chunks, .. },
+                ..
+            } => chunks.len(),
+            _ => 1,
+        }
+    }
+
+    fn key(&self) -> &str {
+        match self {
+            Change::Upsert { key, .. } | Change::Delete { key, .. } => key,
+        }
+    }
 }
 
 /// What the server did with a change.
@@ -140,79 +207,161 @@ pub async fn apply(
     }
 }
 
+/// Attempts at one change that each find more stored chunks than declared (another worker
+/// keeps growing the document in between) before the call fails as transient.
+const MAX_KEY_ROUNDS: usize = 8;
+
+/// What one FCALL answered.
+enum Reply {
+    Done(Outcome),
+    /// The stored document has this many chunks: call again declaring them.
+    NeedKeys(usize),
+}
+
 async fn apply_once(
     conn: &mut MultiplexedConnection,
     store: &DocStore,
     changes: &[Change<'_>],
 ) -> Result<Vec<Outcome>, RedisError> {
-    let mut pipe = ::redis::pipe();
-    pipe.ignore_errors();
-    let ttl_ms = store.tombstone_ttl.as_millis().max(1) as u64;
-    for change in changes {
-        match change {
-            Change::Upsert {
-                key,
-                version,
-                fields,
-                vector,
-            } => {
-                let cmd = pipe
-                    .cmd("FCALL")
-                    .arg("ew_upsert")
-                    .arg(2)
-                    .arg(*key)
-                    .arg(store.tombstone_key(key))
-                    .arg(version.producer)
-                    .arg(version.entry.to_string());
-                for (k, v) in fields {
-                    cmd.arg(*k).arg(*v);
-                }
-                cmd.arg(&store.vector_field).arg(vector_bytes(vector));
-            }
-            Change::Delete { key, version } => {
-                pipe.cmd("FCALL")
-                    .arg("ew_delete")
-                    .arg(2)
-                    .arg(*key)
-                    .arg(store.tombstone_key(key))
-                    .arg(version.producer)
-                    .arg(version.entry.to_string())
-                    .arg(ttl_ms);
+    let mut outcomes: Vec<Option<Outcome>> = changes.iter().map(|_| None).collect();
+    // (change index, chunk keys to declare) still to send.
+    let mut todo: Vec<(usize, usize)> = changes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i, c.chunk_keys_needed()))
+        .collect();
+    for _ in 0..MAX_KEY_ROUNDS {
+        if todo.is_empty() {
+            break;
+        }
+        let mut pipe = ::redis::pipe();
+        pipe.ignore_errors();
+        for &(i, declared) in &todo {
+            push_call(&mut pipe, store, &changes[i], declared);
+        }
+        let replies: Vec<Value> = pipe.query_async(conn).await?;
+        let mut again = Vec::new();
+        for (&(i, declared), reply) in todo.iter().zip(replies) {
+            match parse_reply(reply)? {
+                Reply::Done(outcome) => outcomes[i] = Some(outcome),
+                Reply::NeedKeys(n) => again.push((i, n.max(declared + 1))),
             }
         }
+        todo = again;
     }
-    let replies: Vec<Value> = pipe.query_async(conn).await?;
-    let mut outcomes = Vec::with_capacity(replies.len());
-    for reply in replies {
-        outcomes.push(match reply {
-            Value::ServerError(e) => {
-                let detail = format!("{e:?}");
-                let err = RedisError::from(e);
-                if refused_for_itself(&err) {
-                    Err(detail)
-                } else {
-                    // The server's state, not the document (OOM, NOPERM, LOADING, a lost
-                    // library...): fail the whole call.
-                    return Err(err);
+    if let Some(&(i, _)) = todo.first() {
+        return Err(RedisError::from((
+            ::redis::ErrorKind::Server(::redis::ServerErrorKind::TryAgain),
+            "document kept growing while being written",
+            changes[i].key().to_string(),
+        )));
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.expect("every change answered"))
+        .collect())
+}
+
+/// Adds the FCALL of `change` to `pipe`, declaring `chunk_keys` chunk keys.
+fn push_call(
+    pipe: &mut ::redis::Pipeline,
+    store: &DocStore,
+    change: &Change<'_>,
+    chunk_keys: usize,
+) {
+    let function = match change {
+        Change::Upsert { .. } => "ew_upsert",
+        Change::Delete { .. } => "ew_delete",
+    };
+    let key = change.key();
+    let cmd = pipe
+        .cmd("FCALL")
+        .arg(function)
+        .arg(2 + chunk_keys)
+        .arg(key)
+        .arg(store.tombstone_key(key));
+    for n in 0..chunk_keys {
+        cmd.arg(DocStore::chunk_key(key, n));
+    }
+    match change {
+        Change::Upsert { version, body, .. } => {
+            cmd.arg(version.producer).arg(version.entry.to_string());
+            match body {
+                Body::Whole { fields, vector } => {
+                    cmd.arg(1).arg(0).arg(fields.len() + 1);
+                    for (k, v) in fields {
+                        cmd.arg(*k).arg(*v);
+                    }
+                    cmd.arg(&store.vector_field).arg(vector_bytes(vector));
+                }
+                Body::Chunks {
+                    parent,
+                    shared,
+                    chunks,
+                } => {
+                    cmd.arg(chunks.len()).arg(shared.len() + 1);
+                    cmd.arg(&store.parent_field).arg(*parent);
+                    for (k, v) in shared {
+                        cmd.arg(*k).arg(*v);
+                    }
+                    for (n, c) in chunks.iter().enumerate() {
+                        cmd.arg(5)
+                            .arg(&store.text_field)
+                            .arg(c.text)
+                            .arg(CHUNK_FIELD)
+                            .arg(n)
+                            .arg(CHUNK_START_FIELD)
+                            .arg(c.chars.start)
+                            .arg(CHUNK_END_FIELD)
+                            .arg(c.chars.end)
+                            .arg(&store.vector_field)
+                            .arg(vector_bytes(c.vector));
+                    }
                 }
             }
-            other => Ok(match text(&other).as_str() {
-                "written" => Applied::Written,
-                "deleted" => Applied::Deleted,
-                "absent" => Applied::Absent,
-                "superseded" => Applied::Superseded,
-                "current" => Applied::Current,
-                unexpected => {
-                    return Err(RedisError::from((
-                        ::redis::ErrorKind::UnexpectedReturnType,
-                        "embed_worker function answered",
-                        unexpected.to_string(),
-                    )))
-                }
-            }),
-        });
+        }
+        Change::Delete { version, .. } => {
+            let ttl_ms = store.tombstone_ttl.as_millis().max(1) as u64;
+            cmd.arg(version.producer)
+                .arg(version.entry.to_string())
+                .arg(ttl_ms);
+        }
     }
-    Ok(outcomes)
+}
+
+/// One FCALL's reply: its outcome, or an error that is not the document's own (the caller
+/// fails the whole call).
+fn parse_reply(reply: Value) -> Result<Reply, RedisError> {
+    Ok(Reply::Done(match reply {
+        Value::ServerError(e) => {
+            let detail = format!("{e:?}");
+            let err = RedisError::from(e);
+            if refused_for_itself(&err) {
+                Err(detail)
+            } else {
+                // The server's state, not the document (OOM, NOPERM, LOADING, a lost
+                // library...): fail the whole call.
+                return Err(err);
+            }
+        }
+        other => Ok(match text(&other).as_str() {
+            "written" => Applied::Written,
+            "deleted" => Applied::Deleted,
+            "absent" => Applied::Absent,
+            "superseded" => Applied::Superseded,
+            "current" => Applied::Current,
+            answer => {
+                if let Some(n) = answer.strip_prefix("keys ").and_then(|n| n.parse().ok()) {
+                    return Ok(Reply::NeedKeys(n));
+                }
+                return Err(RedisError::from((
+                    ::redis::ErrorKind::UnexpectedReturnType,
+                    "embed_worker function answered",
+                    answer.to_string(),
+                )));
+            }
+        }),
+    }))
 }
 
 /// Whether a per-command error belongs to the document alone (WRONGTYPE: its key holds another

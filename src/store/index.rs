@@ -15,8 +15,9 @@ pub struct VectorSpec {
     pub metric: String,
 }
 
-/// The FT.CREATE arguments for the settings and the model's dimension.
-pub fn create_args(settings: &IndexSettings, dim: usize) -> Vec<String> {
+/// The FT.CREATE arguments for the settings and the model's dimension; `parent` is the TAG field
+/// holding a chunk's parent document id (while chunking is on).
+pub fn create_args(settings: &IndexSettings, parent: Option<&str>, dim: usize) -> Vec<String> {
     let mut args: Vec<String> = vec![
         settings.name.clone(),
         "ON".into(),
@@ -28,6 +29,9 @@ pub fn create_args(settings: &IndexSettings, dim: usize) -> Vec<String> {
     ];
     for field in &settings.schema {
         args.extend(field.split_whitespace().map(str::to_string));
+    }
+    if let Some(parent) = parent.filter(|p| !declares(settings, p)) {
+        args.extend([parent.to_string(), "TAG".into()]);
     }
     let algorithm = settings.algorithm.to_uppercase();
     let mut attrs: Vec<String> = vec![
@@ -54,6 +58,32 @@ pub fn create_args(settings: &IndexSettings, dim: usize) -> Vec<String> {
     ]);
     args.extend(attrs);
     args
+}
+
+/// Whether `index.schema` declares a field of this name.
+fn declares(settings: &IndexSettings, name: &str) -> bool {
+    settings
+        .schema
+        .iter()
+        .any(|f| f.split_whitespace().next() == Some(name))
+}
+
+/// The names (identifiers) of an index's fields, from FT.INFO.
+pub fn field_names(info: &[(String, Value)]) -> Vec<String> {
+    let Some((_, Value::Array(list))) = info
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("attributes"))
+    else {
+        return Vec::new();
+    };
+    list.iter()
+        .filter_map(|attr| {
+            pairs(attr)
+                .into_iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("identifier"))
+                .map(|(_, v)| text(&v))
+        })
+        .collect()
 }
 
 /// FT.INFO as a flat map of top-level keys; `None` when the index does not exist.
@@ -101,11 +131,14 @@ pub fn vector_spec(info: &[(String, Value)], field: &str) -> Option<VectorSpec> 
     })
 }
 
-/// Creates the index when missing; refuses an existing one whose vector field disagrees.
+/// Creates the index when missing; refuses an existing one whose vector field disagrees. An
+/// existing index without the `parent` TAG field (made before chunking) gets it (FT.ALTER ...
+/// SCHEMA ADD, which indexes the documents already there in the background).
 pub async fn ensure(
     store: &Store,
     conn: &mut MultiplexedConnection,
     settings: &IndexSettings,
+    parent: Option<&str>,
     dim: usize,
 ) -> Result<bool, StoreError> {
     let wanted = VectorSpec {
@@ -120,7 +153,24 @@ pub async fn ensure(
         Some(existing) => {
             let found = vector_spec(&existing, &settings.vector_field);
             match found {
-                Some(spec) if spec == wanted => Ok(false),
+                Some(spec) if spec == wanted => {
+                    if let Some(parent) = parent {
+                        if !field_names(&existing).iter().any(|f| f == parent) {
+                            let _: () = ::redis::cmd("FT.ALTER")
+                                .arg(&settings.name)
+                                .arg("SCHEMA")
+                                .arg("ADD")
+                                .arg(parent)
+                                .arg("TAG")
+                                .query_async(conn)
+                                .await
+                                .map_err(|e| store.error(e))?;
+                            tracing::info!(index = %settings.name, field = parent,
+                                "added the chunks' parent TAG field to the index (FT.ALTER)");
+                        }
+                    }
+                    Ok(false)
+                }
                 other => Err(StoreError::Setup {
                     url: store.url.clone(),
                     message: format!(
@@ -138,7 +188,7 @@ pub async fn ensure(
         }
         None => {
             let result: Result<(), _> = ::redis::cmd("FT.CREATE")
-                .arg(create_args(settings, dim))
+                .arg(create_args(settings, parent, dim))
                 .query_async(conn)
                 .await;
             match result {
@@ -174,11 +224,21 @@ mod tests {
         let s = crate::settings::Settings::load_from(None, Vec::new())
             .unwrap()
             .index;
-        let args = create_args(&s, 384).join(" ");
+        let args = create_args(&s, None, 384).join(" ");
         assert_eq!(
             args,
             "vector_idx ON HASH PREFIX 1 doc: SCHEMA content TEXT genre TAG embedding VECTOR HNSW 10 \
              TYPE FLOAT32 DIM 384 DISTANCE_METRIC L2 M 16 EF_CONSTRUCTION 200"
         );
+        // Chunking on: the docs' schema plus the parent TAG, unless the schema has it already.
+        let args = create_args(&s, Some("parent"), 384).join(" ");
+        assert!(
+            args.contains("genre TAG parent TAG embedding VECTOR"),
+            "{args}"
+        );
+        let mut own = s.clone();
+        own.schema.push("parent TAG SORTABLE".into());
+        let args = create_args(&own, Some("parent"), 384).join(" ");
+        assert_eq!(args.matches("parent").count(), 1, "{args}");
     }
 }

@@ -30,7 +30,7 @@ WORKER_COMMANDS = {
     # start-up and called by name (a plain pipeline of FCALLs: no MULTI/EXEC, no EVAL)
     "fcall", "function|load",
     # the index: create if missing, check, query
-    "ft.create", "ft.info", "ft.search",
+    "ft.create", "ft.alter", "ft.info", "ft.search",
 }
 PRODUCER_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo", "xadd"}
 # What the functions run inside FCALL, each only on its own keys: documents, and tombstones.
