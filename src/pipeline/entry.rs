@@ -5,7 +5,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use super::op::{Completion, DeadLetter, Delete, Op};
-use crate::store::documents::{EntryId, Version, BOOKKEEPING_FIELDS};
+use crate::store::documents::{
+    EntryId, Version, BOOKKEEPING_FIELDS, CHUNK_FIELDS, CHUNK_SEPARATOR,
+};
 pub use crate::store::stream::RawEntry;
 
 /// Why an entry can never be indexed. Each becomes a dead letter (then an ack).
@@ -33,10 +35,14 @@ pub enum DeadReason {
     ModelError,
     /// Redis refused the write for this document alone (e.g. the key holds another type).
     WriteError,
+    /// The entry (field names and values) exceeds `stream.max_entry_bytes`.
+    EntryTooLarge,
+    /// The text cuts into more than `chunk.max_chunks` chunks.
+    TooManyChunks,
 }
 
 impl DeadReason {
-    pub const ALL: [DeadReason; 11] = [
+    pub const ALL: [DeadReason; 13] = [
         DeadReason::MissingText,
         DeadReason::InvalidUtf8,
         DeadReason::EmptyText,
@@ -48,6 +54,8 @@ impl DeadReason {
         DeadReason::MaxDeliveries,
         DeadReason::ModelError,
         DeadReason::WriteError,
+        DeadReason::EntryTooLarge,
+        DeadReason::TooManyChunks,
     ];
 
     /// The label used in dead letters and metrics.
@@ -64,6 +72,8 @@ impl DeadReason {
             DeadReason::MaxDeliveries => "max_deliveries",
             DeadReason::ModelError => "model_error",
             DeadReason::WriteError => "write_error",
+            DeadReason::EntryTooLarge => "entry_too_large",
+            DeadReason::TooManyChunks => "too_many_chunks",
         }
     }
 }
@@ -75,13 +85,20 @@ impl fmt::Display for DeadReason {
 }
 
 /// A document version ready to embed.
+///
+/// The text is moved out of the entry, not copied (a text may be a megabyte): `entry` holds an
+/// empty value in its place until [`Doc::into_dead_letter`] puts it back.
 #[derive(Debug)]
 pub struct Doc {
-    /// The entry as read (kept whole so a failure later can dead-letter it unchanged).
+    /// The entry as read, less its text (so a failure later can dead-letter it unchanged).
     pub entry: RawEntry,
     /// The document key: prefix + id.
     pub key: String,
+    /// Where the id starts in `key`.
+    id_at: usize,
     pub text: String,
+    /// The index of the text's field in `entry.fields`.
+    text_at: usize,
     pub version: Version,
     /// The control fields (id, op, version): every other field is stored in the document.
     control: Arc<[Vec<u8>; 3]>,
@@ -89,21 +106,52 @@ pub struct Doc {
 }
 
 impl Doc {
+    /// The document id (the key without the prefix).
+    pub fn id(&self) -> &str {
+        &self.key[self.id_at..]
+    }
+
     /// The fields stored in the document beside the vector: all but the control fields, as given.
-    pub fn stored_fields(&self) -> impl Iterator<Item = &(Vec<u8>, Vec<u8>)> {
+    pub fn stored_fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.entry
             .fields
             .iter()
-            .filter(|(k, _)| !self.control.contains(k))
+            .enumerate()
+            .filter(|(_, (k, _))| !self.control.contains(k))
+            .map(|(i, (k, v))| {
+                let v = if i == self.text_at {
+                    self.text.as_bytes()
+                } else {
+                    v.as_slice()
+                };
+                (k.as_slice(), v)
+            })
+    }
+
+    /// The stored fields but the text field (every value of it): what each chunk of a
+    /// multi-chunk document shares.
+    pub fn other_fields<'a>(
+        &'a self,
+        text_field: &'a str,
+    ) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+        self.stored_fields()
+            .filter(move |(k, _)| *k != text_field.as_bytes())
+    }
+
+    /// The entry, whole again.
+    pub fn into_entry(mut self) -> (RawEntry, Completion) {
+        self.entry.fields[self.text_at].1 = self.text.into_bytes();
+        (self.entry, self.done)
     }
 
     /// As a dead letter (the model or Redis refused it alone).
     pub fn into_dead_letter(self, reason: DeadReason, detail: String) -> DeadLetter {
+        let (entry, done) = self.into_entry();
         DeadLetter {
-            entry: self.entry,
+            entry,
             reason,
             detail,
-            done: self.done,
+            done,
         }
     }
 }
@@ -118,9 +166,15 @@ pub struct EntryRules {
     pub vector_field: String,
     pub prefix: String,
     pub max_text_bytes: usize,
+    pub max_entry_bytes: usize,
     pub max_id_bytes: usize,
     pub max_deliveries: u64,
     control: Arc<[Vec<u8>; 3]>,
+    /// Fields an upsert may not carry: the vector, the bookkeeping fields, and the chunk fields
+    /// while chunking is on.
+    reserved: Arc<[String]>,
+    /// Chunking is on.
+    chunked: bool,
 }
 
 impl EntryRules {
@@ -134,6 +188,7 @@ impl EntryRules {
             vector_field: s.index.vector_field.clone(),
             prefix: s.index.prefix.clone(),
             max_text_bytes: st.max_text_bytes,
+            max_entry_bytes: st.max_entry_bytes,
             max_id_bytes: st.max_id_bytes,
             max_deliveries: st.max_deliveries,
             control: Arc::new([
@@ -141,8 +196,21 @@ impl EntryRules {
                 st.op_field.clone().into_bytes(),
                 st.version_field.clone().into_bytes(),
             ]),
+            reserved: reserved_fields(s).into(),
+            chunked: s.parent_field().is_some(),
         }
     }
+}
+
+/// The fields the worker writes itself, which an entry may not carry.
+fn reserved_fields(s: &crate::settings::Settings) -> Vec<String> {
+    let mut names = vec![s.index.vector_field.clone()];
+    names.extend(BOOKKEEPING_FIELDS.iter().map(|f| f.to_string()));
+    if s.chunk.strategy == crate::settings::ChunkStrategy::Tokens {
+        names.push(s.chunk.parent_field.clone());
+        names.extend(CHUNK_FIELDS.iter().map(|f| f.to_string()));
+    }
+    names
 }
 
 /// Characters an id may not hold: whitespace and controls (invisible, ambiguous in logs and
@@ -152,20 +220,37 @@ fn bad_id_char(c: char) -> bool {
     c.is_whitespace() || c.is_control() || matches!(c, '*' | '?' | '[' | ']' | '\\' | '{' | '}')
 }
 
+/// While chunking is on, an id may not hold the chunk separator either: `doc:a#1` would be both
+/// the document `a#1` and chunk 1 of the document `a`.
+fn bad_chunked_id_char(c: char) -> bool {
+    bad_id_char(c) || c == CHUNK_SEPARATOR
+}
+
 /// The largest producer version accepted: every client's integer type holds it.
 const MAX_VERSION: u64 = i64::MAX as u64;
 
 /// Decides what becomes of one entry.
 pub fn parse(entry: RawEntry, rules: &EntryRules) -> Op {
     match check(&entry, rules) {
-        Ok(Checked::Upsert { key, text, version }) => Op::Upsert(Doc {
-            done: Completion::new(&entry.id),
+        Ok(Checked::Upsert {
             key,
-            text,
+            text_at,
             version,
-            control: rules.control.clone(),
-            entry,
-        }),
+        }) => {
+            let mut entry = entry;
+            let text = String::from_utf8(std::mem::take(&mut entry.fields[text_at].1))
+                .expect("checked as UTF-8");
+            Op::Upsert(Doc {
+                done: Completion::new(&entry.id),
+                id_at: rules.prefix.len(),
+                key,
+                text,
+                text_at,
+                version,
+                control: rules.control.clone(),
+                entry,
+            })
+        }
         Ok(Checked::Delete { key, version }) => Op::Delete(Delete {
             done: Completion::new(&entry.id),
             key,
@@ -181,45 +266,49 @@ pub fn parse(entry: RawEntry, rules: &EntryRules) -> Op {
     }
 }
 
-/// The value of field `name`. A stream entry may repeat a field name; HSET keeps the last
-/// value, so this reads the last one too: the text embedded is then the text stored.
-fn find<'a>(entry: &'a RawEntry, name: &str) -> Option<&'a Vec<u8>> {
-    entry
-        .fields
-        .iter()
-        .rev()
-        .find(|(k, _)| k == name.as_bytes())
-        .map(|(_, v)| v)
+/// The index of field `name`. A stream entry may repeat a field name; HSET keeps the last
+/// value, so this finds the last one too: the text embedded is then the text stored.
+fn position(entry: &RawEntry, name: &str) -> Option<usize> {
+    entry.fields.iter().rposition(|(k, _)| k == name.as_bytes())
 }
 
-fn checked_text(entry: &RawEntry, rules: &EntryRules) -> Result<String, (DeadReason, String)> {
-    let text = match find(entry, &rules.text_field) {
-        None => {
-            let detail = format!("no {:?} field", rules.text_field);
-            return Err((DeadReason::MissingText, detail));
-        }
-        Some(bytes) if bytes.len() > rules.max_text_bytes => {
-            let detail = format!("{} bytes (max {})", bytes.len(), rules.max_text_bytes);
-            return Err((DeadReason::TextTooLong, detail));
-        }
-        Some(bytes) => match std::str::from_utf8(bytes) {
-            Ok(t) => t.to_string(),
-            Err(e) => {
-                let detail = format!("{:?} field is not UTF-8: {e}", rules.text_field);
-                return Err((DeadReason::InvalidUtf8, detail));
-            }
-        },
+fn find<'a>(entry: &'a RawEntry, name: &str) -> Option<&'a Vec<u8>> {
+    position(entry, name).map(|i| &entry.fields[i].1)
+}
+
+/// The index of the text's field, once the text is checked.
+fn checked_text(entry: &RawEntry, rules: &EntryRules) -> Result<usize, (DeadReason, String)> {
+    let Some(at) = position(entry, &rules.text_field) else {
+        let detail = format!("no {:?} field", rules.text_field);
+        return Err((DeadReason::MissingText, detail));
     };
-    if text.trim().is_empty() {
-        return Err((DeadReason::EmptyText, "text is empty or whitespace".into()));
+    let bytes = &entry.fields[at].1;
+    if bytes.len() > rules.max_text_bytes {
+        let detail = format!("{} bytes (max {})", bytes.len(), rules.max_text_bytes);
+        return Err((DeadReason::TextTooLong, detail));
     }
-    Ok(text)
+    match std::str::from_utf8(bytes) {
+        Ok(t) if t.trim().is_empty() => {
+            Err((DeadReason::EmptyText, "text is empty or whitespace".into()))
+        }
+        Ok(_) => Ok(at),
+        Err(e) => {
+            let detail = format!("{:?} field is not UTF-8: {e}", rules.text_field);
+            Err((DeadReason::InvalidUtf8, detail))
+        }
+    }
+}
+
+/// Field names and values, in bytes: what an entry costs to hold.
+pub fn entry_bytes(entry: &RawEntry) -> usize {
+    entry.fields.iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
 enum Checked {
     Upsert {
         key: String,
-        text: String,
+        /// The index of the text's field in the entry.
+        text_at: usize,
         version: Version,
     },
     Delete {
@@ -236,6 +325,14 @@ fn check(entry: &RawEntry, rules: &EntryRules) -> Result<Checked, (DeadReason, S
         );
         return Err((DeadReason::MaxDeliveries, detail));
     }
+    let size = entry_bytes(entry);
+    if size > rules.max_entry_bytes {
+        let detail = format!(
+            "{size} bytes of field names and values (max {})",
+            rules.max_entry_bytes
+        );
+        return Err((DeadReason::EntryTooLarge, detail));
+    }
     let find = |name: &str| find(entry, name);
     let delete = match find(&rules.op_field).map(|v| v.as_slice()) {
         None | Some(b"upsert") => false,
@@ -250,8 +347,8 @@ fn check(entry: &RawEntry, rules: &EntryRules) -> Result<Checked, (DeadReason, S
         }
     };
     // A delete needs only the id; an upsert's text is checked first.
-    let text = if delete {
-        String::new()
+    let text_at = if delete {
+        0
     } else {
         checked_text(entry, rules)?
     };
@@ -262,11 +359,17 @@ fn check(entry: &RawEntry, rules: &EntryRules) -> Result<Checked, (DeadReason, S
             Ok(id) => id.to_string(),
         },
     };
-    if id.is_empty() || id.len() > rules.max_id_bytes || id.chars().any(bad_id_char) {
+    let bad = if rules.chunked {
+        bad_chunked_id_char
+    } else {
+        bad_id_char
+    };
+    if id.is_empty() || id.len() > rules.max_id_bytes || id.chars().any(bad) {
         let shown: String = id.chars().take(64).collect();
         let detail = format!(
-            "id {shown:?} must be 1..={} bytes without whitespace, control characters or any of *?[]\\{{}}",
-            rules.max_id_bytes
+            "id {shown:?} must be 1..={} bytes without whitespace, control characters or any of *?[]\\{{}}{}",
+            rules.max_id_bytes,
+            if rules.chunked { "#" } else { "" }
         );
         return Err((DeadReason::InvalidId, detail));
     }
@@ -301,14 +404,17 @@ fn check(entry: &RawEntry, rules: &EntryRules) -> Result<Checked, (DeadReason, S
     if delete {
         return Ok(Checked::Delete { key, version });
     }
-    let reserved = std::iter::once(rules.vector_field.as_str()).chain(BOOKKEEPING_FIELDS);
-    for name in reserved {
+    for name in rules.reserved.iter() {
         if entry.fields.iter().any(|(k, _)| k == name.as_bytes()) {
             let detail = format!("field {name:?} is reserved for the worker's own use");
             return Err((DeadReason::ReservedField, detail));
         }
     }
-    Ok(Checked::Upsert { key, text, version })
+    Ok(Checked::Upsert {
+        key,
+        text_at,
+        version,
+    })
 }
 
 #[cfg(test)]
@@ -319,6 +425,8 @@ mod tests {
     fn rules() -> EntryRules {
         let env = [
             ("EMBED_WORKER__STREAM__MAX_TEXT_BYTES", "100"),
+            ("EMBED_WORKER__STREAM__MAX_ENTRY_BYTES", "4194304"),
+            ("EMBED_WORKER__STREAM__READ_BYTES", "4194304"),
             ("EMBED_WORKER__STREAM__MAX_ID_BYTES", "16"),
             ("EMBED_WORKER__STREAM__MAX_DELIVERIES", "3"),
         ];
@@ -368,14 +476,14 @@ mod tests {
         assert_eq!(doc.text, "hi");
         assert_eq!(doc.version.producer, 7);
         assert_eq!(doc.version.entry.to_string(), "1-0");
-        let fields: Vec<_> = doc.stored_fields().cloned().collect();
+        assert_eq!(doc.id(), "0");
+        let fields: Vec<_> = doc.stored_fields().collect();
         assert_eq!(
             fields,
-            vec![
-                (b"content".to_vec(), b"hi".to_vec()),
-                (b"genre".to_vec(), b"persons".to_vec())
-            ]
+            vec![(&b"content"[..], &b"hi"[..]), (b"genre", b"persons")]
         );
+        let others: Vec<_> = doc.other_fields("content").collect();
+        assert_eq!(others, vec![(&b"genre"[..], &b"persons"[..])]);
         let no_id = super::tests::doc(entry(&[(b"content", b"hi")]));
         assert_eq!(no_id.key, "doc:1-0");
         assert_eq!(
@@ -477,6 +585,41 @@ mod tests {
     }
 
     #[test]
+    fn entry_size_and_chunk_fields_have_their_reasons() {
+        let env = [
+            ("EMBED_WORKER__STREAM__MAX_TEXT_BYTES", "10"),
+            ("EMBED_WORKER__STREAM__MAX_ENTRY_BYTES", "40"),
+        ];
+        let env = env.map(|(k, v)| (k.to_string(), v.to_string()));
+        let rules =
+            EntryRules::from_settings(&crate::settings::Settings::load_from(None, env).unwrap());
+        let big = entry(&[(b"content", b"short"), (b"meta", &[b'm'; 30])]);
+        assert!(
+            matches!(parse(big, &rules), Op::DeadLetter(d) if d.reason == DeadReason::EntryTooLarge)
+        );
+        let fits = entry(&[(b"content", b"short"), (b"meta", &[b'm'; 20])]);
+        assert!(matches!(parse(fits, &rules), Op::Upsert(_)));
+        let hash = entry(&[(b"content", b"x"), (b"id", b"a#1")]);
+        assert!(
+            matches!(parse(hash, &rules), Op::DeadLetter(d) if d.reason == DeadReason::InvalidId)
+        );
+        for name in ["parent", "chunk", "chunk_start", "chunk_end", "__ew_chunks"] {
+            let e = entry(&[(b"content", b"x"), (name.as_bytes(), b"1")]);
+            assert!(
+                matches!(parse(e, &rules), Op::DeadLetter(d) if d.reason == DeadReason::ReservedField),
+                "{name}"
+            );
+        }
+        // With chunking off the chunk fields are the producer's own.
+        let env = [("EMBED_WORKER__CHUNK__STRATEGY", "none")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let rules =
+            EntryRules::from_settings(&crate::settings::Settings::load_from(None, env).unwrap());
+        let e = entry(&[(b"content", b"x"), (b"chunk", b"1"), (b"id", b"a#1")]);
+        assert!(matches!(parse(e, &rules), Op::Upsert(_)));
+    }
+
+    #[test]
     fn rejection_keeps_the_whole_entry() {
         let e = entry(&[(b"content", b"\xff"), (b"other", b"\x00\x01")]);
         assert_eq!(dead(e.clone()).entry, e);
@@ -505,7 +648,7 @@ mod tests {
                     // What HSET stores under "content" (the last value) is what gets embedded.
                     let stored = e.fields.iter().rev().find(|(k, _)| k == b"content").map(|(_, v)| v.clone());
                     prop_assert_eq!(stored, Some(doc.text.clone().into_bytes()));
-                    prop_assert_eq!(&doc.entry, &e);
+                    prop_assert_eq!(doc.into_entry().0, e);
                 }
                 Op::Delete(d) => prop_assert_eq!(d.entry, e),
                 Op::DeadLetter(r) => prop_assert_eq!(r.entry, e),

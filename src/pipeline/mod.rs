@@ -6,6 +6,7 @@
 //! other worker reclaims a live worker's work.
 
 pub mod batch;
+pub mod chunk;
 pub mod consume;
 pub mod embed;
 pub mod entry;

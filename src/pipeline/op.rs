@@ -7,12 +7,14 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use super::chunk::Span;
 use super::entry::{DeadReason, Doc};
 use crate::store::documents::Version;
 use crate::store::stream::RawEntry;
 
-/// Acks one stream entry once every part of it is done. An entry is one part today; a document
-/// cut into several pieces of work splits its completion, and only the last part to finish
+/// Acks one stream entry once every part of it is done. An entry is one part: a document cut
+/// into chunks is still written as one change, after its last chunk is embedded; a part of
+/// work split off an entry would split its completion, and only the last part to finish
 /// yields the entry ID. A part dropped unfinished (a crash, a shutdown cut short) never yields
 /// it: the entry stays pending for a redelivery.
 pub struct Completion {
@@ -94,10 +96,17 @@ pub enum Write {
     AckOnly(AckOnly),
 }
 
-/// An upsert with its vector.
+/// An upsert with its vectors: one per chunk, in order (one for a text that fits the model).
 #[derive(Debug)]
 pub struct Embedded {
     pub doc: Doc,
+    pub chunks: Vec<EmbeddedChunk>,
+}
+
+/// One chunk's place in the text and its vector.
+#[derive(Debug)]
+pub struct EmbeddedChunk {
+    pub span: Span,
     pub vector: Vec<f32>,
 }
 

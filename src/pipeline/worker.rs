@@ -65,6 +65,11 @@ pub enum WorkerError {
         timeout: Duration,
         entries: Vec<String>,
     },
+    #[error(
+        "configuration: chunk.size ({size}) is more than the model's longest input ({max} tokens). \
+         Fix: set chunk.size (EMBED_WORKER__CHUNK__SIZE) to at most {max}"
+    )]
+    ChunkTooLong { size: usize, max: usize },
 }
 
 /// Runs the worker until `shutdown` resolves (or, with `drain`, until nothing is left).
@@ -76,6 +81,13 @@ pub async fn run(
     options: RunOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunSummary, WorkerError> {
+    let max = model.config.max_seq_length;
+    if settings.parent_field().is_some() && settings.chunk.size > max {
+        return Err(WorkerError::ChunkTooLong {
+            size: settings.chunk.size,
+            max,
+        });
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -227,7 +239,15 @@ async fn prepare_redis(
     {
         tracing::info!("loaded the embed_worker function library");
     }
-    if index::ensure(&ctx.store, conn, &ctx.settings.index, dimension).await? {
+    if index::ensure(
+        &ctx.store,
+        conn,
+        &ctx.settings.index,
+        ctx.settings.parent_field(),
+        dimension,
+    )
+    .await?
+    {
         tracing::info!(index = %ctx.settings.index.name, dimension, "created index");
     }
     ctx.health.set_index_present(true);

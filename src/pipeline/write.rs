@@ -15,7 +15,7 @@ use super::op::{AckWhy, Completion, DeadLetter, Delete, Embedded, Write};
 use super::shared::Ctx;
 use super::WorkerError;
 use crate::observe::metrics::Stage;
-use crate::store::documents::{self, Applied, Change};
+use crate::store::documents::{self, Applied, Body, Change, ChunkBody};
 use crate::store::stream::{self, DeadLetterRecord};
 
 pub async fn writer(
@@ -149,7 +149,8 @@ impl Job {
         ctx: &Ctx,
         conn: &mut MultiplexedConnection,
     ) -> Result<(), ::redis::RedisError> {
-        let changes: Vec<Change> = self.changes.iter().map(DocChange::change).collect();
+        let text_field = ctx.settings.stream.text_field.as_str();
+        let changes: Vec<Change> = self.changes.iter().map(|c| c.change(text_field)).collect();
         let outcomes = documents::apply(conn, &ctx.docs, &changes).await?;
         drop(changes);
         for (change, outcome) in std::mem::take(&mut self.changes).into_iter().zip(outcomes) {
@@ -186,17 +187,29 @@ enum DocChange {
 }
 
 impl DocChange {
-    fn change(&self) -> Change<'_> {
+    fn change<'a>(&'a self, text_field: &'a str) -> Change<'a> {
         match self {
             DocChange::Upsert(e) => Change::Upsert {
                 key: &e.doc.key,
                 version: e.doc.version,
-                fields: e
-                    .doc
-                    .stored_fields()
-                    .map(|(k, v)| (k.as_slice(), v.as_slice()))
-                    .collect(),
-                vector: &e.vector,
+                body: match e.chunks.as_slice() {
+                    [one] => Body::Whole {
+                        fields: e.doc.stored_fields().collect(),
+                        vector: &one.vector,
+                    },
+                    chunks => Body::Chunks {
+                        parent: e.doc.id(),
+                        shared: e.doc.other_fields(text_field).collect(),
+                        chunks: chunks
+                            .iter()
+                            .map(|c| ChunkBody {
+                                text: &e.doc.text[c.span.bytes.clone()],
+                                chars: c.span.chars.clone(),
+                                vector: &c.vector,
+                            })
+                            .collect(),
+                    },
+                },
             },
             DocChange::Delete(d) => Change::Delete {
                 key: &d.key,
