@@ -56,7 +56,7 @@ pub async fn reader(
     // queued inside a live worker age in the PEL like those of a dead one, so this bound is what
     // keeps `claim_idle` meaningful (and the SIGTERM drain short).
     while !*stop.borrow() {
-        if !ctx.read_ahead.may_read(ctx.in_flight()) {
+        if !ctx.may_read() {
             let mut stopped = stop.clone();
             tokio::select! {
                 // A timeout, not only the notification: a wake-up between the check and the
@@ -98,11 +98,11 @@ pub async fn reader(
             }
             continue;
         }
-        let taken: Vec<(&str, u64)> = read
+        let taken: Vec<(&str, u64, usize)> = read
             .entries
             .iter()
-            .map(|e| (e.id.as_str(), e.deliveries))
-            .chain(read.deleted.iter().map(|id| (id.as_str(), 1)))
+            .map(|e| (e.id.as_str(), e.deliveries, entry::entry_bytes(e)))
+            .chain(read.deleted.iter().map(|id| (id.as_str(), 1, 0)))
             .collect();
         ctx.took(&taken);
         let (docs, rest) = route(&ctx, read);
@@ -146,6 +146,32 @@ fn route(ctx: &Ctx, read: Read) -> (Vec<Doc>, Vec<Write>) {
     (docs, rest)
 }
 
+/// The read budget in bytes: no call may bring in more than `read_bytes` in all, counting each
+/// entry it asks for at the largest size an entry may have.
+#[derive(Debug, Clone, Copy)]
+struct ByteBudget {
+    read_bytes: usize,
+    max_entry_bytes: usize,
+}
+
+impl ByteBudget {
+    fn from_settings(s: &crate::settings::StreamSettings) -> Self {
+        Self {
+            read_bytes: s.read_bytes,
+            max_entry_bytes: s.max_entry_bytes.max(1),
+        }
+    }
+
+    /// How many of `wanted` entries the next call may ask for, `taken` bytes into the read.
+    /// The first call of a read may always ask for one (settings keep `read_bytes` at least
+    /// `max_entry_bytes`).
+    fn entries(&self, wanted: usize, taken: usize) -> usize {
+        let room = self.read_bytes.saturating_sub(taken) / self.max_entry_bytes;
+        let room = if taken == 0 { room.max(1) } else { room };
+        wanted.min(room)
+    }
+}
+
 /// One read: own pending first, then due claims, then new entries (topped up for `max_wait`).
 /// Returns what was read and whether it came from the new-entries read.
 async fn read_step(
@@ -165,9 +191,10 @@ async fn read_step(
     // Fail closed: an entry whose delivery count cannot be read counts as one too many.
     let unknown = s.max_deliveries.saturating_add(1);
     let count = ctx.read_ahead.count();
+    let bytes = ByteBudget::from_settings(s);
     // The lag and pending gauges are kept current by observe::probe, once a second.
     if let Source::OwnPending(from) = source {
-        let read = stream::read(conn, g, from, count, None, unknown).await?;
+        let read = stream::read(conn, g, from, bytes.entries(count, 0), None, unknown).await?;
         match read
             .entries
             .last()
@@ -186,8 +213,15 @@ async fn read_step(
         }
     }
     if Instant::now() >= *next_claim || idle_drain {
-        let (cursor, read) =
-            stream::autoclaim(conn, g, s.claim_idle, claim_cursor, count, unknown).await?;
+        let (cursor, read) = stream::autoclaim(
+            conn,
+            g,
+            s.claim_idle,
+            claim_cursor,
+            bytes.entries(count, 0),
+            unknown,
+        )
+        .await?;
         let wrapped = cursor == "0-0";
         *claim_cursor = cursor;
         if wrapped {
@@ -215,24 +249,39 @@ async fn read_step(
     } else {
         s.block
     };
-    let mut read = stream::read(conn, g, ">", count, Some(block), unknown).await?;
+    let mut read = Read::default();
+    let mut taken = 0;
+    let mut first = true;
+    // New entries in calls of at most `read_bytes / max_entry_bytes` each, repeated while the
+    // stream has more and the budgets allow: the bytes one read brings in are bounded whatever
+    // the entries' sizes, and a stream of short entries still fills a read.
+    loop {
+        let n = bytes.entries(count - read.entries.len(), taken);
+        if n == 0 {
+            break;
+        }
+        let got = stream::read(conn, g, ">", n, first.then_some(block), unknown).await?;
+        first = false;
+        let short = got.entries.len() < n;
+        taken += got.entries.iter().map(entry::entry_bytes).sum::<usize>();
+        read.entries.extend(got.entries);
+        read.deleted.extend(got.deleted);
+        if short {
+            break;
+        }
+    }
     let wait = ctx.settings.batch.max_wait;
     if !read.entries.is_empty()
         && read.entries.len() < ctx.settings.batch.max_docs
         && !wait.is_zero()
     {
         // A short read: give batch-mates `max_wait` to arrive, so a trickle still batches.
-        let more = stream::read(
-            conn,
-            g,
-            ">",
-            count - read.entries.len().min(count - 1),
-            Some(wait),
-            unknown,
-        )
-        .await?;
-        read.entries.extend(more.entries);
-        read.deleted.extend(more.deleted);
+        let n = bytes.entries(count - read.entries.len().min(count - 1), taken);
+        if n > 0 {
+            let more = stream::read(conn, g, ">", n, Some(wait), unknown).await?;
+            read.entries.extend(more.entries);
+            read.deleted.extend(more.deleted);
+        }
     }
     Ok((read, true))
 }
