@@ -1,6 +1,7 @@
 //! One integration test binary (shared helpers in `common`), against real redis-server
 //! processes with the Query Engine and the real ONNX model.
 
+mod chunks;
 mod common;
 mod dlq;
 mod leases;
