@@ -14,6 +14,7 @@ use super::entry::{self, Doc};
 use super::op::{self, AckOnly, AckWhy, Completion, Op, Write};
 use super::shared::{sleep_unless_stopped, Ctx};
 use super::{RunOptions, WorkerError};
+use crate::store::documents::EntryId;
 use crate::store::stream::{self, Read};
 
 /// The longest a `--drain` read blocks for new entries.
@@ -172,6 +173,60 @@ impl ByteBudget {
     }
 }
 
+/// Up to `count` entries from `cursor` (">" for new ones, an entry ID for this consumer's own
+/// pending ones after it), in calls of at most `read_bytes / max_entry_bytes` entries each,
+/// repeated while the stream has more and the budgets allow: the bytes one read brings in are
+/// bounded whatever the entries' sizes, and a stream of short entries still fills a read. Only
+/// the first call blocks (for `block`).
+async fn read_bounded(
+    conn: &mut MultiplexedConnection,
+    g: &stream::GroupRef,
+    cursor: &str,
+    count: usize,
+    block: Option<Duration>,
+    unknown: u64,
+    bytes: ByteBudget,
+) -> Result<Read, ::redis::RedisError> {
+    let mut read = Read::default();
+    let mut cursor = cursor.to_string();
+    let mut taken = 0;
+    let mut block = block;
+    loop {
+        let n = bytes.entries(
+            count - (read.entries.len() + read.deleted.len()).min(count),
+            taken,
+        );
+        if n == 0 {
+            break;
+        }
+        let got = stream::read(conn, g, &cursor, n, block.take(), unknown).await?;
+        let short = got.entries.len() + got.deleted.len() < n;
+        if cursor != ">" {
+            match last_id(&got) {
+                Some(last) => cursor = last,
+                None => break,
+            }
+        }
+        taken += got.entries.iter().map(entry::entry_bytes).sum::<usize>();
+        read.entries.extend(got.entries);
+        read.deleted.extend(got.deleted);
+        if short {
+            break;
+        }
+    }
+    Ok(read)
+}
+
+/// The last entry ID of a read (entries and deleted ones interleave in stream order).
+fn last_id(read: &Read) -> Option<String> {
+    read.entries
+        .iter()
+        .map(|e| e.id.as_str())
+        .chain(read.deleted.iter().map(String::as_str))
+        .max_by_key(|id| EntryId::parse(id))
+        .map(str::to_string)
+}
+
 /// One read: own pending first, then due claims, then new entries (topped up for `max_wait`).
 /// Returns what was read and whether it came from the new-entries read.
 async fn read_step(
@@ -194,13 +249,8 @@ async fn read_step(
     let bytes = ByteBudget::from_settings(s);
     // The lag and pending gauges are kept current by observe::probe, once a second.
     if let Source::OwnPending(from) = source {
-        let read = stream::read(conn, g, from, bytes.entries(count, 0), None, unknown).await?;
-        match read
-            .entries
-            .last()
-            .map(|e| e.id.clone())
-            .or_else(|| read.deleted.last().cloned())
-        {
+        let read = read_bounded(conn, g, from, count, None, unknown, bytes).await?;
+        match last_id(&read) {
             Some(last) => {
                 *from = last;
                 tracing::info!(
@@ -249,33 +299,14 @@ async fn read_step(
     } else {
         s.block
     };
-    let mut read = Read::default();
-    let mut taken = 0;
-    let mut first = true;
-    // New entries in calls of at most `read_bytes / max_entry_bytes` each, repeated while the
-    // stream has more and the budgets allow: the bytes one read brings in are bounded whatever
-    // the entries' sizes, and a stream of short entries still fills a read.
-    loop {
-        let n = bytes.entries(count - read.entries.len(), taken);
-        if n == 0 {
-            break;
-        }
-        let got = stream::read(conn, g, ">", n, first.then_some(block), unknown).await?;
-        first = false;
-        let short = got.entries.len() < n;
-        taken += got.entries.iter().map(entry::entry_bytes).sum::<usize>();
-        read.entries.extend(got.entries);
-        read.deleted.extend(got.deleted);
-        if short {
-            break;
-        }
-    }
+    let mut read = read_bounded(conn, g, ">", count, Some(block), unknown, bytes).await?;
     let wait = ctx.settings.batch.max_wait;
     if !read.entries.is_empty()
         && read.entries.len() < ctx.settings.batch.max_docs
         && !wait.is_zero()
     {
         // A short read: give batch-mates `max_wait` to arrive, so a trickle still batches.
+        let taken = read.entries.iter().map(entry::entry_bytes).sum();
         let n = bytes.entries(count - read.entries.len().min(count - 1), taken);
         if n > 0 {
             let more = stream::read(conn, g, ">", n, Some(wait), unknown).await?;
