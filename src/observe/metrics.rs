@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use super::freshness;
+
 /// Counters by a label value (reason, kind, stage).
 #[derive(Debug, Default)]
 struct Labeled(Mutex<BTreeMap<String, u64>>);
@@ -109,6 +111,12 @@ const SECONDS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// XADD to XACK: from a quiet worker's tens of milliseconds (a batch's wait, the model, the write)
+/// to a backlog of minutes; past 10 min only `+Inf` and the sum tell, which is alert territory.
+const DELAY_SECONDS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
 #[derive(Debug)]
 pub struct Metrics {
     embedded: AtomicU64,
@@ -126,8 +134,11 @@ pub struct Metrics {
     stage_tokenize: Histogram,
     stage_model: Histogram,
     stage_write: Histogram,
+    indexing_delay: Histogram,
     stream_lag: AtomicU64,
     group_pending: AtomicU64,
+    /// Seconds, as f64 bits.
+    oldest_pending_age: AtomicU64,
     model: Mutex<(String, usize)>,
 }
 
@@ -153,8 +164,10 @@ impl Default for Metrics {
             stage_tokenize: Histogram::new(SECONDS),
             stage_model: Histogram::new(SECONDS),
             stage_write: Histogram::new(SECONDS),
+            indexing_delay: Histogram::new(DELAY_SECONDS),
             stream_lag: AtomicU64::new(0),
             group_pending: AtomicU64::new(0),
+            oldest_pending_age: AtomicU64::new(0f64.to_bits()),
             model: Mutex::new((String::new(), 0)),
         }
     }
@@ -212,6 +225,24 @@ impl Metrics {
     }
     pub fn stage(&self, stage: Stage, took: Duration) {
         self.stage_histogram(stage).observe(took.as_secs_f64());
+    }
+    /// The entries just acked: each one's time since its XADD (the ms in its ID, on the Redis
+    /// server's clock) to now on this host's. IDs that are not `<ms>-<seq>` are skipped.
+    pub fn indexing_delay(&self, acked_entry_ids: &[String]) {
+        self.indexing_delay_at(freshness::now_ms(), acked_entry_ids);
+    }
+    fn indexing_delay_at(&self, now_ms: u64, acked_entry_ids: &[String]) {
+        for age in acked_entry_ids
+            .iter()
+            .filter_map(|id| freshness::age(now_ms, id))
+        {
+            self.indexing_delay.observe(age.as_secs_f64());
+        }
+    }
+    /// The age of the group's oldest pending entry (zero when nothing is pending).
+    pub fn oldest_pending_age(&self, age: Duration) {
+        self.oldest_pending_age
+            .store(age.as_secs_f64().to_bits(), Ordering::Relaxed);
     }
     pub fn group_state(&self, pending: u64, lag: u64) {
         self.group_pending.store(pending, Ordering::Relaxed);
@@ -346,6 +377,9 @@ impl Metrics {
                 &format!("stage=\"{}\"", stage.as_str()),
             );
         }
+        let _ = writeln!(out, "# HELP embed_worker_indexing_delay_seconds Time from an entry's XADD (the milliseconds in its ID, on the Redis server's clock) to its XACK (on this host's clock, so clock skew shifts it; clamped at 0), one observation per acked entry, dead letters included. A redelivered entry counts from its first XADD.\n# TYPE embed_worker_indexing_delay_seconds histogram");
+        self.indexing_delay
+            .render(&mut out, "embed_worker_indexing_delay_seconds", "");
         let gauge = |out: &mut String, name: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP embed_worker_{name} {help}\n# TYPE embed_worker_{name} gauge\nembed_worker_{name} {v}");
         };
@@ -360,6 +394,11 @@ impl Metrics {
             "group_pending",
             "Entries delivered to the consumer group and not yet acknowledged, all consumers together (XINFO GROUPS pending, refreshed every second).",
             self.group_pending.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP embed_worker_oldest_pending_age_seconds Age of the group's oldest pending entry (delivered, not yet acked, any consumer): now on this host minus the milliseconds in its ID (XPENDING summary, refreshed every second); 0 when nothing is pending.\n# TYPE embed_worker_oldest_pending_age_seconds gauge\nembed_worker_oldest_pending_age_seconds {}",
+            f64::from_bits(self.oldest_pending_age.load(Ordering::Relaxed))
         );
         let (name, dim) = self
             .model
@@ -490,6 +529,68 @@ mod tests {
         assert_eq!(
             sample(&text, &format!("{stage}_count{{stage=\"write\"}}")),
             Some("0")
+        );
+    }
+
+    #[test]
+    fn indexing_delay_counts_each_acked_id_by_its_age_and_the_oldest_pending_age_is_a_gauge() {
+        let m = Metrics::default();
+        let delay = "embed_worker_indexing_delay_seconds";
+        let age = "embed_worker_oldest_pending_age_seconds";
+        // Before anything: every bucket at 0, the gauge at 0.
+        let text = m.render();
+        assert_eq!(
+            sample(&text, &format!("{delay}_bucket{{le=\"0.01\"}}")),
+            Some("0")
+        );
+        assert_eq!(
+            sample(&text, &format!("{delay}_bucket{{le=\"600\"}}")),
+            Some("0")
+        );
+        assert_eq!(sample(&text, &format!("{delay}_count")), Some("0"));
+        assert_eq!(sample(&text, age), Some("0"));
+
+        let now = 1_700_000_100_000;
+        m.indexing_delay_at(
+            now,
+            &[
+                "1700000099995-0".to_string(), // 5 ms
+                "1700000099700-3".to_string(), // 300 ms
+                "1700000040000-0".to_string(), // 60 s
+                "1700000200000-0".to_string(), // Redis's clock ahead: 0
+                "not-an-id".to_string(),       // skipped
+            ],
+        );
+        m.oldest_pending_age(Duration::from_millis(12_345));
+        let text = m.render();
+        let bucket = |le: &str| sample(&text, &format!("{delay}_bucket{{le=\"{le}\"}}"));
+        assert_eq!(bucket("0.01"), Some("2"));
+        assert_eq!(bucket("0.25"), Some("2"));
+        assert_eq!(bucket("0.5"), Some("3"));
+        assert_eq!(bucket("30"), Some("3"));
+        assert_eq!(bucket("60"), Some("4"));
+        assert_eq!(bucket("600"), Some("4"));
+        assert_eq!(bucket("+Inf"), Some("4"));
+        assert_eq!(sample(&text, &format!("{delay}_count")), Some("4"));
+        assert_eq!(sample(&text, &format!("{delay}_sum")), Some("60.305"));
+        assert!(text.contains(&format!("# TYPE {delay} histogram\n")));
+        assert_eq!(sample(&text, age), Some("12.345"));
+        assert!(text.contains(&format!("# TYPE {age} gauge\n")));
+        m.oldest_pending_age(Duration::ZERO);
+        assert_eq!(sample(&m.render(), age), Some("0"));
+
+        // The public form reads the clock: an ID from 2 s ago lands between 1 and 10 s.
+        let m = Metrics::default();
+        let two_seconds_ago = format!("{}-0", freshness::now_ms() - 2_000);
+        m.indexing_delay(&[two_seconds_ago]);
+        let text = m.render();
+        assert_eq!(
+            sample(&text, &format!("{delay}_bucket{{le=\"1\"}}")),
+            Some("0")
+        );
+        assert_eq!(
+            sample(&text, &format!("{delay}_bucket{{le=\"10\"}}")),
+            Some("1")
         );
     }
 
