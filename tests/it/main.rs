@@ -3,6 +3,7 @@
 
 mod common;
 mod dlq;
+mod freshness;
 mod leases;
 mod lifecycle;
 mod model;
