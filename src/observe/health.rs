@@ -53,6 +53,17 @@ impl Health {
     }
 }
 
+impl Health {
+    /// `embed_worker_ready` in Prometheus text format: what `/readyz` would answer, as 1 or 0, so
+    /// an alert can say a worker has been unready for minutes.
+    pub fn render(&self) -> String {
+        format!(
+            "# HELP embed_worker_ready 1 while /readyz answers 200 (model loaded and not stuck, Redis reachable, group and index present), else 0.\n# TYPE embed_worker_ready gauge\nembed_worker_ready {}\n",
+            u8::from(self.ready().is_ok())
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +90,21 @@ mod tests {
         h.set_redis_reachable(true);
         h.set_model_stuck();
         assert_eq!(h.ready(), Err(vec!["model stuck"]));
+    }
+
+    #[test]
+    fn the_ready_gauge_follows_readyz() {
+        let h = Health::default();
+        assert!(
+            h.render().ends_with("\nembed_worker_ready 0\n"),
+            "{}",
+            h.render()
+        );
+        h.set_model_loaded(true);
+        h.set_redis_reachable(true);
+        h.set_group_present(true);
+        h.set_index_present(true);
+        assert!(h.render().ends_with("\nembed_worker_ready 1\n"));
+        assert!(h.render().contains("# TYPE embed_worker_ready gauge\n"));
     }
 }

@@ -100,7 +100,7 @@ fn route(path: &str, metrics: &Metrics, health: &Health) -> (&'static str, &'sta
         "/metrics" => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(),
+            metrics.render() + &health.render(),
         ),
         "/livez" => ("200 OK", "text/plain", "ok\n".into()),
         "/readyz" => match health.ready() {

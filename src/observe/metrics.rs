@@ -137,8 +137,10 @@ pub struct Metrics {
     indexing_delay: Histogram,
     stream_lag: AtomicU64,
     group_pending: AtomicU64,
-    /// Seconds, as f64 bits.
-    oldest_pending_age: AtomicU64,
+    /// Milliseconds (entry IDs have no finer grain), rendered as seconds.
+    oldest_pending_age_ms: AtomicU64,
+    /// The resident set size last reported, in bytes (see `resident_memory`).
+    resident_bytes: AtomicU64,
     model: Mutex<(String, usize)>,
 }
 
@@ -167,7 +169,8 @@ impl Default for Metrics {
             indexing_delay: Histogram::new(DELAY_SECONDS),
             stream_lag: AtomicU64::new(0),
             group_pending: AtomicU64::new(0),
-            oldest_pending_age: AtomicU64::new(0f64.to_bits()),
+            oldest_pending_age_ms: AtomicU64::new(0),
+            resident_bytes: AtomicU64::new(0),
             model: Mutex::new((String::new(), 0)),
         }
     }
@@ -241,8 +244,8 @@ impl Metrics {
     }
     /// The age of the group's oldest pending entry (zero when nothing is pending).
     pub fn oldest_pending_age(&self, age: Duration) {
-        self.oldest_pending_age
-            .store(age.as_secs_f64().to_bits(), Ordering::Relaxed);
+        self.oldest_pending_age_ms
+            .store(age.as_millis() as u64, Ordering::Relaxed);
     }
     pub fn group_state(&self, pending: u64, lag: u64) {
         self.group_pending.store(pending, Ordering::Relaxed);
@@ -277,6 +280,19 @@ impl Metrics {
     }
     pub fn dead_lettered_total(&self) -> u64 {
         self.dead_lettered.snapshot().values().sum()
+    }
+
+    /// This process's resident set size as reported: read at each scrape, but moved only when it
+    /// differs by at least `RESIDENT_STEP` from the value last reported, so an idle worker's
+    /// series stays flat instead of following every page malloc touches.
+    fn resident_memory(&self) -> u64 {
+        let now = resident_set_bytes().unwrap_or(0);
+        let last = self.resident_bytes.load(Ordering::Relaxed);
+        if now.abs_diff(last) >= RESIDENT_STEP || (now == 0) != (last == 0) {
+            self.resident_bytes.store(now, Ordering::Relaxed);
+            return now;
+        }
+        last
     }
 
     /// Prometheus text exposition format 0.0.4.
@@ -398,7 +414,15 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP embed_worker_oldest_pending_age_seconds Age of the group's oldest pending entry (delivered, not yet acked, any consumer): now on this host minus the milliseconds in its ID (XPENDING summary, refreshed every second); 0 when nothing is pending.\n# TYPE embed_worker_oldest_pending_age_seconds gauge\nembed_worker_oldest_pending_age_seconds {}",
-            f64::from_bits(self.oldest_pending_age.load(Ordering::Relaxed))
+            // From integer milliseconds, so the text is the short decimal ("1.761", not the
+            // "1.7610000000000001" of Duration::as_secs_f64) that every parser reads alike.
+            self.oldest_pending_age_ms.load(Ordering::Relaxed) as f64 / 1e3
+        );
+        gauge(
+            &mut out,
+            "resident_memory_bytes",
+            "Resident set size of this process (VmRSS), read at each scrape and reported again only when it has moved by 1 MiB or more; 0 where /proc/self/status cannot be read.",
+            self.resident_memory(),
         );
         let (name, dim) = self
             .model
@@ -412,6 +436,18 @@ impl Metrics {
         );
         out
     }
+}
+
+/// The resident-memory gauge's resolution (1 MiB): far below what a dashboard or an alert on a
+/// ~300 MB worker looks at, far above an idle process's page-level noise.
+const RESIDENT_STEP: u64 = 1 << 20;
+
+/// VmRSS from /proc/self/status (Linux), in bytes.
+fn resident_set_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn escape(v: &str) -> String {
@@ -576,6 +612,8 @@ mod tests {
         assert!(text.contains(&format!("# TYPE {delay} histogram\n")));
         assert_eq!(sample(&text, age), Some("12.345"));
         assert!(text.contains(&format!("# TYPE {age} gauge\n")));
+        m.oldest_pending_age(Duration::from_millis(1_761));
+        assert_eq!(sample(&m.render(), age), Some("1.761"));
         m.oldest_pending_age(Duration::ZERO);
         assert_eq!(sample(&m.render(), age), Some("0"));
 
@@ -592,6 +630,27 @@ mod tests {
             sample(&text, &format!("{delay}_bucket{{le=\"10\"}}")),
             Some("1")
         );
+    }
+
+    #[test]
+    fn resident_memory_is_this_process_to_the_nearest_mib() {
+        let m = Metrics::default();
+        let reported: u64 = sample(&m.render(), "embed_worker_resident_memory_bytes")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let actual = resident_set_bytes().expect("Linux: /proc/self/status has VmRSS");
+        assert!(
+            reported > 0 && reported.abs_diff(actual) < 64 << 20,
+            "{reported} vs {actual}"
+        );
+        // Below the step, the value reported stays put.
+        m.resident_bytes
+            .store(actual + RESIDENT_STEP / 2, Ordering::Relaxed);
+        assert_eq!(m.resident_memory(), actual + RESIDENT_STEP / 2);
+        m.resident_bytes
+            .store(actual + 4 * RESIDENT_STEP, Ordering::Relaxed);
+        assert!(m.resident_memory().abs_diff(actual) < RESIDENT_STEP * 2);
     }
 
     #[test]
