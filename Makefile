@@ -62,6 +62,7 @@ tools:
 
 test-tools: tools
 	@command -v openssl >/dev/null || { echo "test: openssl not found (the TLS tests make certificates with it). Fix: sudo apt-get install openssl" >&2; exit 1; }
+	@{ command -v promtool && command -v prometheus; } >/dev/null || { echo "test: promtool or prometheus not found (tests/deploy/test_monitoring.py checks deploy/monitoring with them). Fix: sudo apt-get install prometheus" >&2; exit 1; }
 
 build: tools ## release binary
 	@test -x $(BIN) || echo "build: first release build of embed-worker (several minutes on 2 cores)"
