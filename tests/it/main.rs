@@ -3,6 +3,7 @@
 
 mod common;
 mod dlq;
+mod exposition;
 mod freshness;
 mod leases;
 mod lifecycle;
