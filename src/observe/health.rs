@@ -2,6 +2,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
 #[derive(Debug, Default)]
 pub struct Health {
     model_loaded: AtomicBool,
@@ -53,6 +56,21 @@ impl Health {
     }
 }
 
+impl Health {
+    /// `embed_worker_ready` (gauge): what `/readyz` would answer, as 1 or 0, so an alert can say
+    /// a worker has been unready for minutes. A registry made afresh per scrape, encoded after
+    /// the metrics ([`super::Metrics::encode`]).
+    pub fn registry(&self) -> Registry {
+        let mut registry = Registry::with_prefix("embed_worker");
+        registry.register(
+            "ready",
+            "1 while /readyz answers 200 (model loaded and not stuck, Redis reachable, group and index present), else 0",
+            ConstGauge::new(i64::from(self.ready().is_ok())),
+        );
+        registry
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +97,26 @@ mod tests {
         h.set_redis_reachable(true);
         h.set_model_stuck();
         assert_eq!(h.ready(), Err(vec!["model stuck"]));
+    }
+
+    #[test]
+    fn the_ready_gauge_follows_readyz() {
+        let text = |h: &Health| {
+            let mut out = String::new();
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &h.registry()).unwrap();
+            out
+        };
+        let h = Health::default();
+        assert!(
+            text(&h).ends_with("\nembed_worker_ready 0\n"),
+            "{}",
+            text(&h)
+        );
+        h.set_model_loaded(true);
+        h.set_redis_reachable(true);
+        h.set_group_present(true);
+        h.set_index_present(true);
+        assert!(text(&h).ends_with("\nembed_worker_ready 1\n"));
+        assert!(text(&h).contains("# TYPE embed_worker_ready gauge\n"));
     }
 }

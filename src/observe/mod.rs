@@ -1,9 +1,12 @@
 //! Observability: Prometheus metrics, health state (kept current by the Redis probe), the HTTP
-//! listener serving both, and tracing set-up.
+//! listener serving both, entry ages for the freshness metrics, and tracing set-up.
 
+pub mod exposition;
+pub mod freshness;
 pub mod health;
 pub mod http;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod probe;
 

@@ -1,7 +1,7 @@
 //! The Redis probe: once a second, PING Redis and look up the group and the index, each round
 //! under a short timeout. It keeps `/readyz` true to Redis while the worker is idle (no command
-//! in flight to notice an outage) and the lag/pending gauges current while the reader is blocked
-//! behind a full pipeline, which is exactly when the backlog grows.
+//! in flight to notice an outage) and the lag/pending/oldest-pending-age gauges current while the
+//! reader is blocked behind a full pipeline, which is exactly when the backlog grows.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +10,7 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::Value;
 use tokio::task::JoinHandle;
 
-use super::{Health, Metrics};
+use super::{freshness, Health, Metrics};
 use crate::settings::Settings;
 use crate::store::connect::{Store, StoreError};
 use crate::store::{index, stream};
@@ -41,9 +41,17 @@ impl Target {
 /// What one round found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Round {
-    /// (pending, lag) when the group exists.
-    group: Option<(u64, u64)>,
+    /// Present when the group exists.
+    group: Option<GroupRound>,
     index: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct GroupRound {
+    pending: u64,
+    lag: u64,
+    /// Zero when nothing is pending.
+    oldest_pending_age: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,8 +98,10 @@ pub fn spawn(
                     health.set_group_present(round.group.is_some());
                     health.set_index_present(round.index);
                     health.set_redis_reachable(true);
-                    if let Some((pending, lag)) = round.group {
-                        metrics.group_state(pending, lag);
+                    if let Some(g) = round.group {
+                        // The age before the count: a scrape that sees pending at 0 sees age 0.
+                        metrics.oldest_pending_age(g.oldest_pending_age);
+                        metrics.group_state(g.pending, g.lag);
                     }
                     if last_error.take().is_some() {
                         tracing::info!(url = %store.url, "redis reachable again");
@@ -123,10 +133,25 @@ async fn check(
     }
     let c = conn.as_mut().expect("connected just above");
     let _: Value = ::redis::cmd("PING").query_async(c).await?;
-    // A lag Redis cannot tell (after some deletions) reads as 0.
-    let group = stream::group_info(c, &target.stream, &target.group)
-        .await?
-        .map(|g| (g.pending, g.lag.unwrap_or(0)));
+    let group = match stream::group_info(c, &target.stream, &target.group).await? {
+        Some(g) => {
+            // Nothing pending needs no second command (and keeps count and age agreeing).
+            let oldest = match g.pending {
+                0 => None,
+                _ => freshness::oldest_pending_id(c, &target.stream, &target.group).await?,
+            };
+            let now = freshness::now_ms();
+            Some(GroupRound {
+                pending: g.pending,
+                // A lag Redis cannot tell (after some deletions) reads as 0.
+                lag: g.lag.unwrap_or(0),
+                oldest_pending_age: oldest
+                    .and_then(|id| freshness::age(now, &id))
+                    .unwrap_or(Duration::ZERO),
+            })
+        }
+        None => None,
+    };
     let index = index::info(c, &target.index).await?.is_some();
     Ok(Round { group, index })
 }

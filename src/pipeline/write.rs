@@ -134,6 +134,7 @@ impl Job {
         if !self.acks.is_empty() || !self.dead_acks.is_empty() {
             let ids: Vec<String> = self.acks.iter().chain(&self.dead_acks).cloned().collect();
             stream::ack(conn, &ctx.group, &ids).await?;
+            ctx.metrics.indexing_delay(&ids);
             ctx.metrics.acked(self.acks.len());
             ctx.released(&ids);
             self.acks.clear();

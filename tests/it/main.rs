@@ -4,6 +4,8 @@
 mod chunks;
 mod common;
 mod dlq;
+mod exposition;
+mod freshness;
 mod leases;
 mod lifecycle;
 mod model;
