@@ -115,3 +115,11 @@ lint:
 clean:
 	cargo clean
 	rm -rf $(VENV) $(MODEL_DIR) tests/clients/node/node_modules
+
+.PHONY: bench-chunks bench-memory
+
+bench-chunks: model build ## retrieval quality of long documents per chunk size and overlap (bench/out/chunk_quality.json)
+	$(ENV) $(VENV)/bin/python bench/chunk_quality.py
+
+bench-memory: model build ## peak RSS on 900 KB entries, chunked and not, and long-document tokens/s (bench/out/memory.json)
+	$(ENV) $(VENV)/bin/python bench/memory.py
