@@ -14,7 +14,10 @@ use crate::model::{Encoded, Tokens};
 /// How to cut.
 #[derive(Debug, Clone, Copy)]
 pub struct ChunkRule {
-    /// Tokens per chunk, counting the special tokens.
+    /// A text of at most this many tokens (counting the special tokens) is one chunk: the
+    /// model's longest input, so whatever fits the model is embedded whole, as without chunking.
+    pub whole: usize,
+    /// Tokens per chunk of a longer text, counting the special tokens.
     pub size: usize,
     /// Tokens consecutive chunks share (at most half of the text tokens per chunk).
     pub overlap: usize,
@@ -37,8 +40,8 @@ pub struct Chunk {
 }
 
 /// The chunks of `text`, tokenised as `tokens` (its ids with the special tokens around them and
-/// each text token's byte offsets). A text that fits one chunk is one chunk spanning the whole
-/// text, encoded exactly as a plain encoding of it.
+/// each text token's byte offsets). A text that fits the model (`rule.whole`) is one chunk
+/// spanning the whole text, encoded exactly as a plain encoding of it.
 pub fn cut(text: &str, tokens: &Tokens, rule: ChunkRule) -> Vec<Chunk> {
     let n = tokens.offsets.len();
     let specials = tokens.prefix.len() + tokens.suffix.len();
@@ -46,7 +49,10 @@ pub fn cut(text: &str, tokens: &Tokens, rule: ChunkRule) -> Vec<Chunk> {
     let overlap = rule.overlap.min(width / 2);
     let mut ranges: Vec<Range<usize>> = Vec::new();
     let mut start = 0;
-    loop {
+    if n + specials <= rule.whole {
+        ranges.push(0..n);
+    }
+    while ranges.is_empty() || ranges[ranges.len() - 1].end < n {
         if n - start <= width {
             ranges.push(start..n);
             break;
@@ -194,6 +200,31 @@ mod tests {
     }
 
     #[test]
+    fn a_text_that_fits_the_model_is_one_chunk_whatever_the_chunk_size() {
+        let text = "a b c d e f g h i j";
+        let t = words(text);
+        let rule = ChunkRule {
+            whole: 12,
+            size: 6,
+            overlap: 0,
+        };
+        assert_eq!(
+            cut(text, &t, rule).len(),
+            1,
+            "10 tokens + 2 fit the model's 12"
+        );
+        let rule = ChunkRule {
+            whole: 11,
+            size: 6,
+            overlap: 0,
+        };
+        assert_eq!(
+            texts(text, &cut(text, &t, rule)),
+            ["a b c d", "e f g h", "i j"]
+        );
+    }
+
+    #[test]
     fn a_text_that_fits_is_one_chunk_spanning_all_of_it() {
         let text = "  That is a very happy person ";
         let t = words(text);
@@ -201,6 +232,7 @@ mod tests {
             text,
             &t,
             ChunkRule {
+                whole: 8,
                 size: 8,
                 overlap: 0,
             },
@@ -223,6 +255,7 @@ mod tests {
             text,
             &t,
             ChunkRule {
+                whole: 10,
                 size: 10,
                 overlap: 0,
             },
@@ -248,6 +281,7 @@ mod tests {
             text,
             &words(text),
             ChunkRule {
+                whole: 8,
                 size: 8,
                 overlap: 0,
             },
@@ -262,6 +296,7 @@ mod tests {
             text,
             &words(text),
             ChunkRule {
+                whole: 8,
                 size: 8,
                 overlap: 0,
             },
@@ -280,6 +315,7 @@ mod tests {
             &text,
             &t,
             ChunkRule {
+                whole: 7,
                 size: 7,
                 overlap: 0,
             },
@@ -296,6 +332,7 @@ mod tests {
             text,
             &t,
             ChunkRule {
+                whole: 12,
                 size: 12,
                 overlap: 4,
             },
@@ -314,6 +351,7 @@ mod tests {
             text,
             &words(text),
             ChunkRule {
+                whole: 10,
                 size: 10,
                 overlap: 4,
             },
@@ -332,6 +370,7 @@ mod tests {
             text,
             &t,
             ChunkRule {
+                whole: 5,
                 size: 5,
                 overlap: 0,
             },
@@ -361,7 +400,7 @@ mod tests {
             let text = words_in.join(" ");
             let t = words(&text);
             let overlap = (size - 2) / 2 * overlap_share / 2;
-            let chunks = cut(&text, &t, ChunkRule { size, overlap });
+            let chunks = cut(&text, &t, ChunkRule { whole: size, size, overlap });
             proptest::prop_assert!(!chunks.is_empty());
             let mut covered = 0;
             let mut last_start = None;

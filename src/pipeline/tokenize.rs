@@ -50,11 +50,13 @@ pub enum Cutting {
 }
 
 impl Cutting {
-    pub fn from_settings(c: &ChunkSettings) -> Self {
+    /// From the settings and the model's longest input (`max_len` tokens).
+    pub fn new(c: &ChunkSettings, max_len: usize) -> Self {
         match c.strategy {
             ChunkStrategy::None => Cutting::Truncate,
             ChunkStrategy::Tokens => Cutting::Chunks {
                 rule: ChunkRule {
+                    whole: max_len,
                     size: c.size,
                     overlap: c.overlap,
                 },
@@ -71,7 +73,7 @@ pub async fn tokenizer(
     tokenized: mpsc::Sender<Tokenized>,
     writes: mpsc::Sender<Vec<Write>>,
 ) -> Result<(), WorkerError> {
-    let cutting = Cutting::from_settings(&ctx.settings.chunk);
+    let cutting = Cutting::new(&ctx.settings.chunk, model.config.max_seq_length);
     while let Some(docs) = reads.recv().await {
         let (read, dead) =
             tokenize(model.tokenizer.clone(), docs, cutting, ctx.metrics.clone()).await;

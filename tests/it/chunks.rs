@@ -210,7 +210,7 @@ fn a_document_that_shrinks_leaves_one_key_and_a_delete_leaves_none() {
     xadd(
         &mut conn,
         &names,
-        &[("id", "x"), ("content", &sentences(12, "two"))],
+        &[("id", "x"), ("content", &sentences(25, "two"))],
     );
     drain(&server, &names, &env);
     let fewer = count(&mut conn);
@@ -250,9 +250,10 @@ fn readers_never_see_chunks_of_two_versions_mixed() {
     let names = Names::new("mixed");
     let mut conn = server.conn();
     let key = format!("{}m", names.prefix);
-    // Twenty versions alternating between ~4 and ~9 chunks of 64 tokens.
+    // Twenty versions alternating between ~6 and ~10 chunks of 64 tokens (each over 256 tokens,
+    // so never one chunk).
     for v in 0..20 {
-        let n = if v % 2 == 0 { 12 } else { 28 };
+        let n = if v % 2 == 0 { 24 } else { 40 };
         let text = (0..n)
             .map(|i| format!("Version {v} sentence {i} talks about the weather and the sea."))
             .collect::<Vec<_>>()
