@@ -178,6 +178,15 @@ fn char_positions(text: &str, mut bytes: Vec<usize>) -> impl Fn(usize) -> usize 
 mod tests {
     use super::*;
 
+    /// Chunks of `size` tokens for any text longer than that.
+    fn rule(size: usize, overlap: usize) -> ChunkRule {
+        ChunkRule {
+            whole: size,
+            size,
+            overlap,
+        }
+    }
+
     /// One token per whitespace-separated word, with byte offsets; [CLS]=101, [SEP]=102.
     fn words(text: &str) -> Tokens {
         let mut offsets = Vec::new();
@@ -228,15 +237,7 @@ mod tests {
     fn a_text_that_fits_is_one_chunk_spanning_all_of_it() {
         let text = "  That is a very happy person ";
         let t = words(text);
-        let chunks = cut(
-            text,
-            &t,
-            ChunkRule {
-                whole: 8,
-                size: 8,
-                overlap: 0,
-            },
-        );
+        let chunks = cut(text, &t, rule(8, 0));
         assert_eq!(chunks.len(), 1);
         assert_eq!(chunks[0].span.bytes, 0..text.len());
         assert_eq!(chunks[0].span.chars, 0..text.chars().count());
@@ -251,15 +252,7 @@ mod tests {
         // A sentence end in the window's first half would make a short chunk: not taken.
         let text = "One. Two three four five six. Seven eight nine ten eleven. Twelve.";
         let t = words(text);
-        let chunks = cut(
-            text,
-            &t,
-            ChunkRule {
-                whole: 10,
-                size: 10,
-                overlap: 0,
-            },
-        );
+        let chunks = cut(text, &t, rule(10, 0));
         assert_eq!(
             texts(text, &chunks),
             [
@@ -277,30 +270,14 @@ mod tests {
     #[test]
     fn a_wrapped_line_is_not_a_sentence_end_but_a_blank_line_is() {
         let text = "one two three\nfour five six seven\neight nine ten eleven twelve";
-        let chunks = cut(
-            text,
-            &words(text),
-            ChunkRule {
-                whole: 8,
-                size: 8,
-                overlap: 0,
-            },
-        );
+        let chunks = cut(text, &words(text), rule(8, 0));
         assert_eq!(
             texts(text, &chunks)[0],
             "one two three\nfour five six",
             "filled, not cut at a line"
         );
         let text = "one two three four\n\nfive six seven eight nine ten";
-        let chunks = cut(
-            text,
-            &words(text),
-            ChunkRule {
-                whole: 8,
-                size: 8,
-                overlap: 0,
-            },
-        );
+        let chunks = cut(text, &words(text), rule(8, 0));
         assert_eq!(texts(text, &chunks)[0], "one two three four");
     }
 
@@ -311,15 +288,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         let t = words(&text);
-        let chunks = cut(
-            &text,
-            &t,
-            ChunkRule {
-                whole: 7,
-                size: 7,
-                overlap: 0,
-            },
-        );
+        let chunks = cut(&text, &t, rule(7, 0));
         let sizes: Vec<usize> = chunks.iter().map(|c| c.encoded.ids.len() - 2).collect();
         assert_eq!(sizes, [5, 5, 5, 5]);
     }
@@ -328,15 +297,7 @@ mod tests {
     fn overlap_repeats_the_tail_from_a_sentence_start() {
         let text = "a b c d e f g h. i j k l m n o p q r s t";
         let t = words(text);
-        let chunks = cut(
-            text,
-            &t,
-            ChunkRule {
-                whole: 12,
-                size: 12,
-                overlap: 4,
-            },
-        );
+        let chunks = cut(text, &t, rule(12, 4));
         assert_eq!(
             texts(text, &chunks),
             [
@@ -347,15 +308,7 @@ mod tests {
         );
         // A sentence start inside the overlap is where the next chunk begins.
         let text = "a b c d e f. g h. i j k l m n";
-        let chunks = cut(
-            text,
-            &words(text),
-            ChunkRule {
-                whole: 10,
-                size: 10,
-                overlap: 4,
-            },
-        );
+        let chunks = cut(text, &words(text), rule(10, 4));
         assert_eq!(
             texts(text, &chunks),
             ["a b c d e f. g h.", "g h. i j k l m n"]
@@ -366,15 +319,7 @@ mod tests {
     fn character_spans_count_characters_not_bytes() {
         let text = "Ünïcödé wörds hëre. Mörë wörds föllöw hëre.";
         let t = words(text);
-        let chunks = cut(
-            text,
-            &t,
-            ChunkRule {
-                whole: 5,
-                size: 5,
-                overlap: 0,
-            },
-        );
+        let chunks = cut(text, &t, rule(5, 0));
         for c in &chunks {
             let by_chars: String = text
                 .chars()

@@ -8,15 +8,6 @@ use std::time::Duration;
 
 use crate::common::*;
 
-fn xadd(conn: &mut ::redis::Connection, names: &Names, fields: &[(&str, &str)]) -> String {
-    let mut cmd = ::redis::cmd("XADD");
-    cmd.arg(&names.stream).arg("*");
-    for (k, v) in fields {
-        cmd.arg(*k).arg(*v);
-    }
-    cmd.query(conn).unwrap()
-}
-
 fn drain(server: &RedisServer, names: &Names, env: &[(&str, &str)]) -> String {
     let mut cmd = worker_cmd(server, names);
     for (k, v) in env {
@@ -67,28 +58,34 @@ print(json.dumps({"text": text, "query": sentences[-2]}))
     )
 }
 
+/// XADDs the long document (id "long", genre "docs") and the docs' three; its text and query.
+fn feed_long_document_and_the_docs(
+    conn: &mut ::redis::Connection,
+    names: &Names,
+) -> (String, String) {
+    let (text, query) = long_document();
+    xadd(
+        conn,
+        &names.stream,
+        &[("id", "long"), ("content", &text), ("genre", "docs")],
+    );
+    for (i, (content, genre)) in DOCS.iter().enumerate() {
+        let id = i.to_string();
+        xadd(
+            conn,
+            &names.stream,
+            &[("id", &id), ("content", content), ("genre", genre)],
+        );
+    }
+    (text, query)
+}
+
 #[test]
 fn a_long_document_is_found_by_a_sentence_near_its_end_and_shown_once() {
     let server = RedisServer::start();
     let names = Names::new("chunks");
     let mut conn = server.conn();
-    let (text, query) = long_document();
-    xadd(
-        &mut conn,
-        &names,
-        &[("id", "long"), ("content", &text), ("genre", "docs")],
-    );
-    for (i, (content, genre)) in DOCS.iter().enumerate() {
-        xadd(
-            &mut conn,
-            &names,
-            &[
-                ("id", &i.to_string()),
-                ("content", content),
-                ("genre", genre),
-            ],
-        );
-    }
+    let (text, query) = feed_long_document_and_the_docs(&mut conn, &names);
     drain(&server, &names, &[]);
 
     let key = format!("{}long", names.prefix);
@@ -167,7 +164,11 @@ fn a_long_document_is_found_by_a_sentence_near_its_end_and_shown_once() {
 
     // With chunking off the same document is invisible past its first ~200 words.
     let off = Names::new("nochunks");
-    xadd(&mut conn, &off, &[("id", "long"), ("content", &text)]);
+    xadd(
+        &mut conn,
+        &off.stream,
+        &[("id", "long"), ("content", &text)],
+    );
     drain(&server, &off, &[("EMBED_WORKER__CHUNK__STRATEGY", "none")]);
     assert_eq!(
         keys_of(&mut conn, &format!("{}long", off.prefix)),
@@ -200,7 +201,7 @@ fn a_document_that_shrinks_leaves_one_key_and_a_delete_leaves_none() {
 
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "x"), ("content", &sentences(40, "one"))],
     );
     drain(&server, &names, &env);
@@ -209,7 +210,7 @@ fn a_document_that_shrinks_leaves_one_key_and_a_delete_leaves_none() {
     // Fewer chunks: the extra chunk keys are gone (the function asked for them to be declared).
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "x"), ("content", &sentences(25, "two"))],
     );
     drain(&server, &names, &env);
@@ -220,7 +221,7 @@ fn a_document_that_shrinks_leaves_one_key_and_a_delete_leaves_none() {
     // One chunk: the document's own key, and no chunk keys.
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "x"), ("content", "Now a short text.")],
     );
     drain(&server, &names, &env);
@@ -229,12 +230,12 @@ fn a_document_that_shrinks_leaves_one_key_and_a_delete_leaves_none() {
     // Long again, then deleted: nothing left but the tombstone.
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "x"), ("content", &sentences(30, "three"))],
     );
     drain(&server, &names, &env);
     assert!(count(&mut conn) >= 5);
-    xadd(&mut conn, &names, &[("id", "x"), ("op", "delete")]);
+    xadd(&mut conn, &names.stream, &[("id", "x"), ("op", "delete")]);
     drain(&server, &names, &env);
     assert!(
         keys_of(&mut conn, &key).is_empty(),
@@ -258,7 +259,7 @@ fn readers_never_see_chunks_of_two_versions_mixed() {
             .map(|i| format!("Version {v} sentence {i} talks about the weather and the sea."))
             .collect::<Vec<_>>()
             .join(" ");
-        xadd(&mut conn, &names, &[("id", "m"), ("content", &text)]);
+        xadd(&mut conn, &names.stream, &[("id", "m"), ("content", &text)]);
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
@@ -319,10 +320,14 @@ fn a_document_past_max_chunks_is_dead_lettered_with_its_reason() {
     let names = Names::new("maxchunks");
     let mut conn = server.conn();
     let text = "A sentence about nothing in particular. ".repeat(100);
-    xadd(&mut conn, &names, &[("id", "big"), ("content", &text)]);
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
+        &[("id", "big"), ("content", &text)],
+    );
+    xadd(
+        &mut conn,
+        &names.stream,
         &[("id", "small"), ("content", "Fits easily.")],
     );
     drain(&server, &names, &[("EMBED_WORKER__CHUNK__MAX_CHUNKS", "2")]);
@@ -351,19 +356,7 @@ fn the_documented_redis_py_grouping_example_runs() {
     let server = RedisServer::start();
     let names = Names::new("grouping");
     let mut conn = server.conn();
-    let (text, query) = long_document();
-    xadd(&mut conn, &names, &[("id", "long"), ("content", &text)]);
-    for (i, (content, genre)) in DOCS.iter().enumerate() {
-        xadd(
-            &mut conn,
-            &names,
-            &[
-                ("id", &i.to_string()),
-                ("content", content),
-                ("genre", genre),
-            ],
-        );
-    }
+    let (_, query) = feed_long_document_and_the_docs(&mut conn, &names);
     drain(&server, &names, &[]);
     let ops = std::fs::read_to_string(root().join("docs/OPERATIONS.md")).unwrap();
     let example = ops

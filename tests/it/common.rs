@@ -405,3 +405,13 @@ pub fn in_process_settings(
     .collect();
     embed_worker::Settings::load_from(None, env).unwrap()
 }
+
+/// XADD `fields` to `stream`; the entry ID.
+pub fn xadd(conn: &mut ::redis::Connection, stream: &str, fields: &[(&str, &str)]) -> String {
+    let mut cmd = ::redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    cmd.query(conn).unwrap()
+}

@@ -13,15 +13,6 @@ fn dlq(server: &RedisServer, names: &Names, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn xadd(conn: &mut ::redis::Connection, stream: &str, fields: &[(&str, &str)]) -> String {
-    let mut cmd = ::redis::cmd("XADD");
-    cmd.arg(stream).arg("*");
-    for (k, v) in fields {
-        cmd.arg(*k).arg(*v);
-    }
-    cmd.query(conn).unwrap()
-}
-
 /// Dead-letter stream entries: (dead-letter ID, reason).
 fn dead_ids(conn: &mut ::redis::Connection, names: &Names) -> Vec<(String, String)> {
     let entries: Vec<(String, Vec<(String, String)>)> = ::redis::cmd("XRANGE")

@@ -11,15 +11,6 @@ use rand::{Rng, SeedableRng};
 use crate::common::*;
 use crate::reliability::{dead_letters, text_of};
 
-fn xadd(conn: &mut ::redis::Connection, names: &Names, fields: &[(&str, &str)]) -> String {
-    let mut cmd = ::redis::cmd("XADD");
-    cmd.arg(&names.stream).arg("*");
-    for (k, v) in fields {
-        cmd.arg(*k).arg(*v);
-    }
-    cmd.query(conn).unwrap()
-}
-
 fn drain(server: &RedisServer, names: &Names) -> String {
     let out = run_ok(worker_cmd(server, names).args(["run", "--drain"]));
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -57,23 +48,23 @@ fn the_newest_entry_of_an_id_wins_within_one_read_in_both_length_orders() {
     // x: long first, short second (the short one sorts into an earlier batch).
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "x"), ("content", &long_text("version one"))],
     );
     let x2 = xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "x"), ("content", "Version two: short.")],
     );
     // y: short first, long second.
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "y"), ("content", "Version one: short.")],
     );
     let y2 = xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "y"), ("content", &long_text("version two"))],
     );
     drain(&server, &names);
@@ -118,7 +109,7 @@ fn hold_the_last_entry(
     wait_pending(conn, names, before + 1);
     xadd(
         conn,
-        names,
+        &names.stream,
         &[("id", "filler"), ("content", "a filler entry")],
     );
     wait_pending(conn, names, before + 2);
@@ -159,14 +150,14 @@ fn an_older_write_held_back_by_a_slow_worker_loses_to_the_newer_one() {
     // Worker A reads v1 and holds its write for 8 s.
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "x"), ("content", "version one"), ("genre", "old")],
     );
     let _a = hold_the_last_entry(&server, &names, &mut conn, "8s");
     // Meanwhile v2 arrives, and worker B writes it at once.
     let v2 = xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "x"), ("content", "version two")],
     );
     let mut b = fast_worker(&server, &names);
@@ -203,7 +194,7 @@ fn a_delete_leaves_a_tombstone_that_stops_a_late_older_upsert() {
     let key = format!("{}y", names.prefix);
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "y"), ("content", "first version")],
     );
     drain(&server, &names);
@@ -212,13 +203,17 @@ fn a_delete_leaves_a_tombstone_that_stops_a_late_older_upsert() {
     // A slow worker reads an upsert of y and holds it; the delete behind it is written first.
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "y"), ("content", "late older version")],
     );
     let _a = hold_the_last_entry(&server, &names, &mut conn, "8s");
-    let del = xadd(&mut conn, &names, &[("id", "y"), ("op", "delete")]);
+    let del = xadd(&mut conn, &names.stream, &[("id", "y"), ("op", "delete")]);
     // Deleting an id that never existed is acked, not an error.
-    xadd(&mut conn, &names, &[("id", "nobody"), ("op", "delete")]);
+    xadd(
+        &mut conn,
+        &names.stream,
+        &[("id", "nobody"), ("op", "delete")],
+    );
     let mut b = fast_worker(&server, &names);
     // B deletes y while A still holds the older upsert.
     let deleted = wait_for(Duration::from_secs(60), || {
@@ -249,7 +244,11 @@ fn a_delete_leaves_a_tombstone_that_stops_a_late_older_upsert() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&key));
 
     // A newer upsert brings it back and clears the tombstone.
-    xadd(&mut conn, &names, &[("id", "y"), ("content", "reborn")]);
+    xadd(
+        &mut conn,
+        &names.stream,
+        &[("id", "y"), ("content", "reborn")],
+    );
     drain(&server, &names);
     assert_eq!(
         field(&hash(&mut conn, &key), "content").as_deref(),
@@ -266,7 +265,7 @@ fn an_upsert_replaces_the_document_so_dropped_fields_leave_tag_filters() {
     let key = format!("{}p", names.prefix);
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[
             ("id", "p"),
             ("content", "That is a very happy person"),
@@ -289,7 +288,7 @@ fn an_upsert_replaces_the_document_so_dropped_fields_leave_tag_filters() {
 
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "p"), ("content", "That is a very happy person")],
     );
     drain(&server, &names);
@@ -314,26 +313,26 @@ fn producer_versions_outrank_stream_order_and_bad_ones_are_dead_letters() {
     let key = format!("{}v", names.prefix);
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "v"), ("content", "five"), ("version", "5")],
     );
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "v"), ("content", "four"), ("version", "4")],
     );
     // Unversioned counts as version 0: it loses to a versioned document.
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "v"), ("content", "unversioned")],
     );
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "v"), ("content", "x"), ("version", "-1")],
     );
-    xadd(&mut conn, &names, &[("id", "v"), ("op", "remove")]);
+    xadd(&mut conn, &names.stream, &[("id", "v"), ("op", "remove")]);
     drain(&server, &names);
     let h = hash(&mut conn, &key);
     assert_eq!(field(&h, "content").as_deref(), Some("five"));
@@ -347,7 +346,7 @@ fn producer_versions_outrank_stream_order_and_bad_ones_are_dead_letters() {
     // versioned delete below the stored version is superseded.
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "v"), ("op", "delete"), ("version", "3")],
     );
     drain(&server, &names);
@@ -357,7 +356,7 @@ fn producer_versions_outrank_stream_order_and_bad_ones_are_dead_letters() {
     );
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "v"), ("content", "six"), ("version", "6")],
     );
     drain(&server, &names);
@@ -408,7 +407,7 @@ fn random_upserts_and_deletes_with_kills_end_in_the_last_op_per_id() {
             n += 1;
             let id = ids[rng.random_range(0..ids.len())];
             if rng.random_bool(0.3) {
-                xadd(&mut conn, &names, &[("id", id), ("op", "delete")]);
+                xadd(&mut conn, &names.stream, &[("id", id), ("op", "delete")]);
                 last.insert(id, None);
             } else {
                 // Lengths vary so that batches are sorted differently from stream order.
@@ -417,7 +416,7 @@ fn random_upserts_and_deletes_with_kills_end_in_the_last_op_per_id() {
                 } else {
                     format!("op {n} on {id}")
                 };
-                let entry = xadd(&mut conn, &names, &[("id", id), ("content", &text)]);
+                let entry = xadd(&mut conn, &names.stream, &[("id", id), ("content", &text)]);
                 last.insert(id, Some((text, entry)));
             }
         }
@@ -479,7 +478,7 @@ fn an_entry_with_thousands_of_fields_is_stored_whole_and_replaced_whole() {
         .collect();
     let mut fields: Vec<(&str, &str)> = vec![("id", "w"), ("content", "a wide document")];
     fields.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    xadd(&mut conn, &names, &fields);
+    xadd(&mut conn, &names.stream, &fields);
     drain(&server, &names);
     let h = hash(&mut conn, &key);
     assert_eq!(
@@ -492,7 +491,7 @@ fn an_entry_with_thousands_of_fields_is_stored_whole_and_replaced_whole() {
 
     xadd(
         &mut conn,
-        &names,
+        &names.stream,
         &[("id", "w"), ("content", "narrow again")],
     );
     drain(&server, &names);

@@ -306,15 +306,6 @@ fn value(samples: &Samples, key: &str) -> f64 {
         .unwrap_or_else(|| panic!("no series {key} in {samples:#?}"))
 }
 
-fn xadd(conn: &mut ::redis::Connection, stream: &str, fields: &[(&str, &str)]) -> String {
-    ::redis::cmd("XADD")
-        .arg(stream)
-        .arg("*")
-        .arg(fields)
-        .query(conn)
-        .unwrap()
-}
-
 /// 5 documents and 2 poison entries through a running worker: exact counters, the gauges while
 /// entries are held pending, one JSON log line per failed entry, then `stats` against Redis.
 #[test]
