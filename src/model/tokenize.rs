@@ -36,10 +36,15 @@ impl Encoded {
     }
 }
 
+/// The first slice of a long text tokenised when it is to be truncated anyway (see
+/// [`TextTokenizer::encode_one`]); grown x4 until it holds the model's longest input.
+const PREFIX_BYTES: usize = 16 * 1024;
+
 #[derive(Clone)]
 pub struct TextTokenizer {
     /// Truncating at the model's longest input.
     inner: Tokenizer,
+    max_len: usize,
     /// The same, without truncation.
     whole: Tokenizer,
     path: PathBuf,
@@ -70,7 +75,12 @@ impl TextTokenizer {
                 direction: TruncationDirection::Right,
             }))
             .map_err(|e| err(e.to_string()))?;
-        Ok(Self { inner, whole, path })
+        Ok(Self {
+            inner,
+            max_len,
+            whole,
+            path,
+        })
     }
 
     /// Tokenises texts (with special tokens), each truncated, none padded.
@@ -78,7 +88,30 @@ impl TextTokenizer {
         texts.iter().map(|t| self.encode_one(t)).collect()
     }
 
+    /// One text, truncated at the model's longest input. A long text is tokenised from a prefix
+    /// cut at whitespace, grown until it yields the longest input: the tokenizer splits words at
+    /// whitespace first, so those tokens are the whole text's first ones, and a megabyte text
+    /// costs what 16 KB do instead of a full tokenisation thrown away by truncation.
     pub fn encode_one(&self, text: &str) -> Result<Encoded, ModelError> {
+        let mut len = PREFIX_BYTES;
+        while len < text.len() {
+            let end = (0..=len)
+                .rev()
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(0);
+            if let Some(cut) = text[..end].rfind(char::is_whitespace).filter(|&c| c > 0) {
+                let enc = self.encode_exact(&text[..cut])?;
+                if enc.len() >= self.max_len {
+                    return Ok(enc);
+                }
+            }
+            len = len.saturating_mul(4);
+        }
+        self.encode_exact(text)
+    }
+
+    /// Tokenises (truncating) exactly `text`.
+    fn encode_exact(&self, text: &str) -> Result<Encoded, ModelError> {
         let enc = self
             .inner
             .encode(text, true)
@@ -86,6 +119,11 @@ impl TextTokenizer {
         Ok(Encoded {
             ids: enc.get_ids().to_vec(),
         })
+    }
+
+    /// Tokenises `text` whole and truncates, without the prefix shortcut (to check it).
+    pub fn encode_one_in_full(&self, text: &str) -> Result<Encoded, ModelError> {
+        self.encode_exact(text)
     }
 
     /// The whole text, untruncated, with byte offsets (for [`crate::pipeline::chunk::cut`]).

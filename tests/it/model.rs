@@ -214,3 +214,36 @@ onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), sys
         "{err}"
     );
 }
+
+/// The truncating tokenisation reads only a prefix of a long text: it must give exactly the
+/// tokens of tokenising the whole text and truncating.
+#[test]
+fn truncation_from_a_prefix_equals_truncating_the_whole_text() {
+    use embed_worker::model::TextTokenizer;
+    let t = TextTokenizer::load(&model_dir(), 256).unwrap();
+    let pages = python_ok(
+        "import json, pydoc_data.topics as t; print(json.dumps(sorted(t.topics.values(), key=len)[-40:]))",
+        &[],
+    );
+    let pages: Vec<String> = serde_json::from_str(pages.trim()).unwrap();
+    let mut texts: Vec<String> = pages.iter().map(|p| p.repeat(8)).collect();
+    texts.push("x".repeat(200_000)); // no whitespace at all
+    texts.push("word ".repeat(50_000));
+    texts.push("汉字和標點。".repeat(20_000)); // CJK: each character its own word
+    texts.push(format!(
+        "{}{}",
+        " ".repeat(40_000),
+        "late words start here ".repeat(100)
+    ));
+    texts.push("a\u{301}é ".repeat(30_000)); // accents the normaliser strips
+    for text in &texts {
+        let fast = t.encode_one(text).unwrap();
+        let full = t.encode_one_in_full(text).unwrap();
+        assert_eq!(
+            fast,
+            full,
+            "text starting {:?}",
+            &text.chars().take(40).collect::<String>()
+        );
+    }
+}
