@@ -123,3 +123,24 @@ bench-chunks: model build ## retrieval quality of long documents per chunk size 
 
 bench-memory: model build ## peak RSS on 900 KB entries, chunked and not, and long-document tokens/s (bench/out/memory.json)
 	$(ENV) $(VENV)/bin/python bench/memory.py
+
+# The container image (deploy/Dockerfile), built and checked by deploy/image.sh. Without a
+# registry (this project's sandboxes): IMAGE_BASE=local builds on bases made with debootstrap from
+# Debian's packages, IMAGE_BINARY=prebuilt copies target/release/embed-worker instead of compiling
+# in the image. Not part of `make test`: it needs podman (or docker), root for the check, and minutes.
+IMAGE ?= embed-worker:0.1.0
+IMAGE_BASE ?= registry
+IMAGE_BINARY ?= build
+IMAGE_BUILD_ARGS ?=
+IMAGE_VARS = IMAGE='$(IMAGE)' IMAGE_BASE='$(IMAGE_BASE)' IMAGE_BINARY='$(IMAGE_BINARY)' IMAGE_BUILD_ARGS='$(IMAGE_BUILD_ARGS)'
+
+.PHONY: image image-check image-base
+
+image: ## the container image, podman when present, docker otherwise (IMAGE_BASE=local IMAGE_BINARY=prebuilt: no registry)
+	$(IMAGE_VARS) deploy/image.sh build
+
+image-check: $(STAMP) image ## run the built image (chroot, root) on the embedded Redis: docs' example, UID 10001, exit 0 on SIGTERM
+	$(IMAGE_VARS) deploy/image.sh check
+
+image-base: ## local stand-ins for the base images: debootstrap + podman import (root)
+	deploy/image.sh base
