@@ -415,3 +415,20 @@ pub fn xadd(conn: &mut ::redis::Connection, stream: &str, fields: &[(&str, &str)
     }
     cmd.query(conn).unwrap()
 }
+
+/// Reads one new entry as `consumer` and never acks it: a pending entry held by a stalled consumer.
+pub fn take_one_as(conn: &mut ::redis::Connection, names: &Names, consumer: &str) {
+    let _: ::redis::Value = ::redis::cmd("XREADGROUP")
+        .arg(&[
+            "GROUP",
+            &names.group,
+            consumer,
+            "COUNT",
+            "1",
+            "STREAMS",
+            &names.stream,
+            ">",
+        ])
+        .query(conn)
+        .unwrap();
+}

@@ -47,19 +47,7 @@ fn indexing_delay_and_oldest_pending_age_move_with_real_traffic() {
         .arg(&["CREATE", &names.stream, &names.group, "0"])
         .query(&mut conn)
         .unwrap();
-    let _: ::redis::Value = ::redis::cmd("XREADGROUP")
-        .arg(&[
-            "GROUP",
-            &names.group,
-            "stalled",
-            "COUNT",
-            "1",
-            "STREAMS",
-            &names.stream,
-            ">",
-        ])
-        .query(&mut conn)
-        .unwrap();
+    take_one_as(&mut conn, &names, "stalled");
 
     let model = fake_model(|_| FakeEmbedder {
         dimension: 384,

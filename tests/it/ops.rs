@@ -447,19 +447,7 @@ fn metrics_logs_and_stats_account_for_every_entry() {
         &names.stream,
         &[("id", "9"), ("content", "later one")],
     );
-    let _: ::redis::Value = ::redis::cmd("XREADGROUP")
-        .arg(&[
-            "GROUP",
-            &names.group,
-            "probe",
-            "COUNT",
-            "1",
-            "STREAMS",
-            &names.stream,
-            ">",
-        ])
-        .query(&mut conn)
-        .unwrap();
+    take_one_as(&mut conn, &names, "probe");
     let out = run_ok(worker_cmd(&server, &names).args(["stats", "--json"]));
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let xlen: u64 = ::redis::cmd("XLEN")
