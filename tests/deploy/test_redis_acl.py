@@ -137,11 +137,23 @@ def test_worker_can_run_the_whole_pipeline(redis_server):
     with worker.pipeline(transaction=False) as pipe:  # as the worker writes: no MULTI
         for i, entry in enumerate(ids):
             key = f"{PREFIX}{i}"
-            pipe.fcall("ew_upsert", 2, key, f"embed:tomb:{{{key}}}", "0", entry,
+            # KEYS: the document, its tombstone, its chunk 0; ARGV: version, entry, 1 chunk,
+            # 0 shared fields, then the chunk's 3 field pairs (src/store/documents.lua).
+            pipe.fcall("ew_upsert", 3, key, f"embed:tomb:{{{key}}}", f"{key}#0", "0", entry, "1", "0", "3",
                        "content", f"doc {i}", "genre", "g", "embedding", vec(i, 0, 0, 0))
         assert pipe.execute() == ["written"] * 3
+    # A document of two chunks: doc:7#0 and doc:7#1, each with the shared parent field.
+    long_key = f"{PREFIX}7"
+    chunk_keys = [f"{long_key}#0", f"{long_key}#1"]
+    chunk = lambda n: ["5", "content", f"part {n}", "chunk", str(n), "chunk_start", "0", "chunk_end", "4",
+                       "embedding", vec(n, 1, 0, 0)]
+    assert worker.fcall("ew_upsert", 4, long_key, f"embed:tomb:{{{long_key}}}", *chunk_keys, "0", ids[1],
+                        "2", "1", "parent", "7", *chunk(0), *chunk(1)) == "written"
+    # Deleting it declaring only chunk 0 changes nothing and asks for the keys of both.
+    assert worker.fcall("ew_delete", 3, long_key, f"embed:tomb:{{{long_key}}}", chunk_keys[0], "0", ids[2], "60000") == "keys 2"
+    assert worker.fcall("ew_delete", 4, long_key, f"embed:tomb:{{{long_key}}}", *chunk_keys, "0", ids[2], "60000") == "deleted"
     # A delete: the document goes, a tombstone stays; then the upsert is recreated.
-    assert worker.fcall("ew_delete", 2, f"{PREFIX}9", f"embed:tomb:{{{PREFIX}9}}", "0", ids[2], "60000") == "absent"
+    assert worker.fcall("ew_delete", 3, f"{PREFIX}9", f"embed:tomb:{{{PREFIX}9}}", f"{PREFIX}9#0", "0", ids[2], "60000") == "absent"
     assert worker.xack(STREAM, GROUP, ids[0], ids[1]) == 2
 
     # Reclaim and dead-letter the third entry.
