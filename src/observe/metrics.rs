@@ -157,7 +157,7 @@ impl Default for Metrics {
         let dead_lettered = Family::<ReasonLabel, Counter>::default();
         // Series that exist from the start at 0, so `rate()` and alerts see them before the
         // first event.
-        for reason in crate::pipeline::entry::DeadReason::ALL {
+        for reason in crate::pipeline::reason::DeadReason::ALL {
             let _ = dead_lettered.get_or_create(&ReasonLabel {
                 reason: reason.as_str().to_string(),
             });

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use ::redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, watch};
 
-use super::entry::{self, Doc};
+use super::entry;
+use super::op::Doc;
 use super::op::{self, AckOnly, AckWhy, Completion, Op, Write};
 use super::shared::{sleep_unless_stopped, Ctx};
 use super::{RunOptions, WorkerError};

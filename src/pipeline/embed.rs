@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 
 use super::batch::{padded_tokens, plan, BatchLimits};
 use super::chunk::Span;
-use super::entry::{DeadReason, Doc};
-use super::op::{Embedded, EmbeddedChunk, Write};
+use super::op::{Doc, Embedded, EmbeddedChunk, Write};
+use super::reason::DeadReason;
 use super::shared::Ctx;
 use super::tokenize::Tokenized;
 use super::WorkerError;

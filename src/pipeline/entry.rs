@@ -1,160 +1,14 @@
 //! A stream entry becomes an [`Op`]: an upsert to embed, a delete, or a dead letter with a
 //! reason. Pure and total: any bytes from the outside world map to one of them, never a panic.
 
-use std::fmt;
 use std::sync::Arc;
 
-use super::op::{Completion, DeadLetter, Delete, Op};
+use super::op::{Completion, DeadLetter, Delete, Doc, Op};
+pub use super::reason::DeadReason;
 use crate::store::documents::{
     EntryId, Version, BOOKKEEPING_FIELDS, CHUNK_FIELDS, CHUNK_SEPARATOR,
 };
 pub use crate::store::stream::RawEntry;
-
-/// Why an entry can never be indexed. Each becomes a dead letter (then an ack).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DeadReason {
-    /// The text field is absent.
-    MissingText,
-    /// The text is not valid UTF-8 (never guessed at).
-    InvalidUtf8,
-    /// The text is empty or only whitespace: its vector would mean nothing.
-    EmptyText,
-    /// The text exceeds `stream.max_text_bytes`.
-    TextTooLong,
-    /// The id is empty, too long, not UTF-8, or holds characters that make keys ambiguous.
-    InvalidId,
-    /// The op field is neither "upsert" nor "delete".
-    InvalidOp,
-    /// The version field is not a non-negative integer below 2^63, or the entry ID is not one.
-    InvalidVersion,
-    /// A field would overwrite the vector field or a bookkeeping field.
-    ReservedField,
-    /// Delivered more than `stream.max_deliveries` times without success.
-    MaxDeliveries,
-    /// The model failed on this document alone (after the batch was split to isolate it).
-    ModelError,
-    /// Redis refused the write for this document alone (e.g. the key holds another type).
-    WriteError,
-    /// The entry (field names and values) exceeds `stream.max_entry_bytes`.
-    EntryTooLarge,
-    /// The text cuts into more than `chunk.max_chunks` chunks.
-    TooManyChunks,
-}
-
-impl DeadReason {
-    pub const ALL: [DeadReason; 13] = [
-        DeadReason::MissingText,
-        DeadReason::InvalidUtf8,
-        DeadReason::EmptyText,
-        DeadReason::TextTooLong,
-        DeadReason::InvalidId,
-        DeadReason::InvalidOp,
-        DeadReason::InvalidVersion,
-        DeadReason::ReservedField,
-        DeadReason::MaxDeliveries,
-        DeadReason::ModelError,
-        DeadReason::WriteError,
-        DeadReason::EntryTooLarge,
-        DeadReason::TooManyChunks,
-    ];
-
-    /// The label used in dead letters and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadReason::MissingText => "missing_text",
-            DeadReason::InvalidUtf8 => "invalid_utf8",
-            DeadReason::EmptyText => "empty_text",
-            DeadReason::TextTooLong => "text_too_long",
-            DeadReason::InvalidId => "invalid_id",
-            DeadReason::InvalidOp => "invalid_op",
-            DeadReason::InvalidVersion => "invalid_version",
-            DeadReason::ReservedField => "reserved_field",
-            DeadReason::MaxDeliveries => "max_deliveries",
-            DeadReason::ModelError => "model_error",
-            DeadReason::WriteError => "write_error",
-            DeadReason::EntryTooLarge => "entry_too_large",
-            DeadReason::TooManyChunks => "too_many_chunks",
-        }
-    }
-}
-
-impl fmt::Display for DeadReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A document version ready to embed.
-///
-/// The text is moved out of the entry, not copied (a text may be a megabyte): `entry` holds an
-/// empty value in its place until [`Doc::into_dead_letter`] puts it back.
-#[derive(Debug)]
-pub struct Doc {
-    /// The entry as read, less its text (so a failure later can dead-letter it unchanged).
-    pub entry: RawEntry,
-    /// The document key: prefix + id.
-    pub key: String,
-    /// Where the id starts in `key`.
-    id_at: usize,
-    pub text: String,
-    /// The index of the text's field in `entry.fields`.
-    text_at: usize,
-    pub version: Version,
-    /// The control fields (id, op, version): every other field is stored in the document.
-    control: Arc<[Vec<u8>; 3]>,
-    pub done: Completion,
-}
-
-impl Doc {
-    /// The document id (the key without the prefix).
-    pub fn id(&self) -> &str {
-        &self.key[self.id_at..]
-    }
-
-    /// The fields stored in the document beside the vector: all but the control fields, as given.
-    pub fn stored_fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.entry
-            .fields
-            .iter()
-            .enumerate()
-            .filter(|(_, (k, _))| !self.control.contains(k))
-            .map(|(i, (k, v))| {
-                let v = if i == self.text_at {
-                    self.text.as_bytes()
-                } else {
-                    v.as_slice()
-                };
-                (k.as_slice(), v)
-            })
-    }
-
-    /// The stored fields but the text field (every value of it): what each chunk of a
-    /// multi-chunk document shares.
-    pub fn other_fields<'a>(
-        &'a self,
-        text_field: &'a str,
-    ) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
-        self.stored_fields()
-            .filter(move |(k, _)| *k != text_field.as_bytes())
-    }
-
-    /// The entry, whole again.
-    pub fn into_entry(mut self) -> (RawEntry, Completion) {
-        self.entry.fields[self.text_at].1 = self.text.into_bytes();
-        (self.entry, self.done)
-    }
-
-    /// As a dead letter (the model or Redis refused it alone).
-    pub fn into_dead_letter(self, reason: DeadReason, detail: String) -> DeadLetter {
-        let (entry, done) = self.into_entry();
-        DeadLetter {
-            entry,
-            reason,
-            detail,
-            done,
-        }
-    }
-}
 
 /// The rules an entry is checked against (from the settings).
 #[derive(Debug, Clone)]
@@ -237,19 +91,12 @@ pub fn parse(entry: RawEntry, rules: &EntryRules) -> Op {
             text_at,
             version,
         }) => {
-            let mut entry = entry;
-            let text = String::from_utf8(std::mem::take(&mut entry.fields[text_at].1))
-                .expect("checked as UTF-8");
-            Op::Upsert(Doc {
-                done: Completion::new(&entry.id),
+            let place = super::op::DocPlace {
                 id_at: rules.prefix.len(),
-                key,
-                text,
                 text_at,
-                version,
                 control: rules.control.clone(),
-                entry,
-            })
+            };
+            Op::Upsert(Doc::taking_text(entry, key, version, place))
         }
         Ok(Checked::Delete { key, version }) => Op::Delete(Delete {
             done: Completion::new(&entry.id),

@@ -1,7 +1,7 @@
 //! The data path, one file per stage, each owning its loop:
 //! [`consume`] (XREADGROUP / XAUTOCLAIM, sized by [`read_ahead`]; each entry an [`op::Op`] by
-//! [`entry`], newest per document) -> [`tokenize`] -> [`embed`] (batches cut by [`batch`], the
-//! model) -> [`write`] (versioned upserts and deletes, dead letters, then XACK) — wired together
+//! [`entry`], newest per document, rejections named by [`reason`]) -> [`tokenize`] (long texts
+//! cut by [`chunk`]) -> [`embed`] (batches cut by [`batch`], the model) -> [`write`] (versioned upserts and deletes, dead letters, then XACK) — wired together
 //! in [`worker`], sharing [`shared`]. Beside them, [`lease`] renews the entries in hand so no
 //! other worker reclaims a live worker's work.
 
@@ -13,6 +13,7 @@ pub mod entry;
 pub mod lease;
 pub mod op;
 pub mod read_ahead;
+pub mod reason;
 pub mod shared;
 pub mod tokenize;
 pub mod worker;

@@ -1,6 +1,6 @@
 //! The messages between stages: what becomes of each stream entry ([`Op`], decided by the
-//! reader), what the writer does ([`Write`]), and the per-entry [`Completion`] that says when an
-//! entry may be acked.
+//! reader; an upsert's [`Doc`]), what the writer does ([`Write`]), and the per-entry
+//! [`Completion`] that says when an entry may be acked.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::chunk::Span;
-use super::entry::{DeadReason, Doc};
+use super::reason::DeadReason;
 use crate::store::documents::Version;
 use crate::store::stream::RawEntry;
 
@@ -70,6 +70,108 @@ impl fmt::Debug for Completion {
             self.inner.entry_id,
             self.inner.parts_left.load(Ordering::Relaxed)
         )
+    }
+}
+
+/// A document version ready to embed.
+///
+/// The text is moved out of the entry, not copied (a text may be a megabyte): `entry` holds an
+/// empty value in its place until [`Doc::into_entry`] puts it back.
+#[derive(Debug)]
+pub struct Doc {
+    /// The entry as read, less its text (so a failure later can dead-letter it unchanged).
+    pub entry: RawEntry,
+    /// The document key: prefix + id.
+    pub key: String,
+    /// Where the id starts in `key`.
+    id_at: usize,
+    pub text: String,
+    /// The index of the text's field in `entry.fields`.
+    text_at: usize,
+    pub version: Version,
+    /// The control fields (id, op, version): every other field is stored in the document.
+    control: Arc<[Vec<u8>; 3]>,
+    pub done: Completion,
+}
+
+/// Where a document's parts lie: the id in its key, the text among the entry's fields, and the
+/// control fields (id, op, version) that are not stored.
+#[derive(Debug)]
+pub struct DocPlace {
+    pub id_at: usize,
+    pub text_at: usize,
+    pub control: Arc<[Vec<u8>; 3]>,
+}
+
+impl Doc {
+    /// The document of `entry`, its text (checked as UTF-8) moved out of `place.text_at`.
+    pub fn taking_text(
+        mut entry: RawEntry,
+        key: String,
+        version: Version,
+        place: DocPlace,
+    ) -> Self {
+        let text = String::from_utf8(std::mem::take(&mut entry.fields[place.text_at].1))
+            .expect("checked as UTF-8");
+        Doc {
+            done: Completion::new(&entry.id),
+            key,
+            id_at: place.id_at,
+            text,
+            text_at: place.text_at,
+            version,
+            control: place.control,
+            entry,
+        }
+    }
+
+    /// The document id (the key without the prefix).
+    pub fn id(&self) -> &str {
+        &self.key[self.id_at..]
+    }
+
+    /// The fields stored in the document beside the vector: all but the control fields, as given.
+    pub fn stored_fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.entry
+            .fields
+            .iter()
+            .enumerate()
+            .filter(|(_, (k, _))| !self.control.contains(k))
+            .map(|(i, (k, v))| {
+                let v = if i == self.text_at {
+                    self.text.as_bytes()
+                } else {
+                    v.as_slice()
+                };
+                (k.as_slice(), v)
+            })
+    }
+
+    /// The stored fields but the text field (every value of it): what each chunk of a
+    /// multi-chunk document shares.
+    pub fn other_fields<'a>(
+        &'a self,
+        text_field: &'a str,
+    ) -> impl Iterator<Item = (&'a [u8], &'a [u8])> {
+        self.stored_fields()
+            .filter(move |(k, _)| *k != text_field.as_bytes())
+    }
+
+    /// The entry, whole again.
+    pub fn into_entry(mut self) -> (RawEntry, Completion) {
+        self.entry.fields[self.text_at].1 = self.text.into_bytes();
+        (self.entry, self.done)
+    }
+
+    /// As a dead letter (the model or Redis refused it alone).
+    pub fn into_dead_letter(self, reason: DeadReason, detail: String) -> DeadLetter {
+        let (entry, done) = self.into_entry();
+        DeadLetter {
+            entry,
+            reason,
+            detail,
+            done,
+        }
     }
 }
 

@@ -11,8 +11,9 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::chunk::{self, Chunk, ChunkRule, Span};
-use super::entry::{DeadReason, Doc};
+use super::op::Doc;
 use super::op::Write;
+use super::reason::DeadReason;
 use super::shared::Ctx;
 use super::WorkerError;
 use crate::model::{Model, TextTokenizer};

@@ -21,8 +21,8 @@ use tokio::task::JoinSet;
 
 use super::consume::reader;
 use super::embed::embedder;
-use super::entry::Doc;
 use super::lease::renewer;
+use super::op::Doc;
 use super::op::Write;
 use super::shared::{sleep_unless_stopped, Ctx};
 use super::tokenize::{tokenizer, Tokenized};

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use ::redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, watch};
 
-use super::entry::DeadReason;
 use super::op::{AckWhy, Completion, DeadLetter, Delete, Embedded, Write};
+use super::reason::DeadReason;
 use super::shared::Ctx;
 use super::WorkerError;
 use crate::observe::metrics::Stage;
