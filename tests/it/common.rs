@@ -432,3 +432,27 @@ pub fn take_one_as(conn: &mut ::redis::Connection, names: &Names, consumer: &str
         .query(conn)
         .unwrap();
 }
+
+/// `embed_worker::pipeline::run` with `--drain`, in this process, on `model`; the run's result.
+/// Panics if it has not ended `within`.
+pub async fn drain_in_process(
+    settings: embed_worker::Settings,
+    model: embed_worker::model::Model,
+    metrics: std::sync::Arc<embed_worker::observe::Metrics>,
+    health: std::sync::Arc<embed_worker::observe::Health>,
+    within: Duration,
+) -> Result<embed_worker::pipeline::RunSummary, embed_worker::pipeline::WorkerError> {
+    tokio::time::timeout(
+        within,
+        embed_worker::pipeline::run(
+            settings,
+            model,
+            metrics,
+            health,
+            embed_worker::pipeline::RunOptions { drain: true },
+            std::future::pending(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the in-process drain did not end within {within:?}"))
+}

@@ -180,21 +180,13 @@ fn the_dead_letter_stream_stays_near_its_cap_and_trims_are_counted() {
     let metrics = Arc::new(embed_worker::observe::Metrics::default());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let summary = runtime
-        .block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(60),
-                embed_worker::pipeline::run(
-                    settings,
-                    model,
-                    metrics.clone(),
-                    Arc::new(embed_worker::observe::Health::default()),
-                    embed_worker::pipeline::RunOptions { drain: true },
-                    std::future::pending(),
-                ),
-            )
-            .await
-        })
-        .expect("drains within a minute")
+        .block_on(drain_in_process(
+            settings,
+            model,
+            metrics.clone(),
+            Arc::new(embed_worker::observe::Health::default()),
+            Duration::from_secs(60),
+        ))
         .unwrap();
     assert_eq!(summary.dead_lettered, total as u64);
     let len: u64 = ::redis::cmd("XLEN")

@@ -91,19 +91,14 @@ fn indexing_delay_and_oldest_pending_age_move_with_real_traffic() {
             Some(0.0)
         );
 
-        let summary = tokio::time::timeout(
+        let summary = drain_in_process(
+            settings.clone(),
+            model,
+            metrics.clone(),
+            health.clone(),
             Duration::from_secs(60),
-            embed_worker::pipeline::run(
-                settings.clone(),
-                model,
-                metrics.clone(),
-                health.clone(),
-                embed_worker::pipeline::RunOptions { drain: true },
-                std::future::pending(),
-            ),
         )
         .await
-        .expect("drains within a minute")
         .unwrap();
         assert_eq!(summary.acked, 4);
 

@@ -292,22 +292,15 @@ fn the_watchdog_turns_the_worker_unready_and_names_the_stuck_batch() {
     );
     let health = Arc::new(embed_worker::observe::Health::default());
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let result = runtime.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            embed_worker::pipeline::run(
-                settings,
-                model,
-                Arc::new(embed_worker::observe::Metrics::default()),
-                health.clone(),
-                embed_worker::pipeline::RunOptions { drain: true },
-                std::future::pending(),
-            ),
-        )
-        .await
-    });
+    let result = runtime.block_on(drain_in_process(
+        settings,
+        model,
+        Arc::new(embed_worker::observe::Metrics::default()),
+        health.clone(),
+        Duration::from_secs(30),
+    ));
     runtime.shutdown_background();
-    let err = result.expect("the watchdog ends the run").unwrap_err();
+    let err = result.unwrap_err();
     let WorkerError::ModelStuck { entries, .. } = &err else {
         panic!("{err}");
     };

@@ -878,21 +878,13 @@ fn a_document_the_model_fails_on_is_dead_lettered_alone() {
     );
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let summary = runtime
-        .block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(60),
-                embed_worker::pipeline::run(
-                    settings,
-                    model.clone(),
-                    Arc::new(embed_worker::observe::Metrics::default()),
-                    Arc::new(embed_worker::observe::Health::default()),
-                    embed_worker::pipeline::RunOptions { drain: true },
-                    std::future::pending(),
-                ),
-            )
-            .await
-        })
-        .expect("drains within a minute")
+        .block_on(drain_in_process(
+            settings,
+            model.clone(),
+            Arc::new(embed_worker::observe::Metrics::default()),
+            Arc::new(embed_worker::observe::Health::default()),
+            Duration::from_secs(60),
+        ))
         .unwrap();
     assert_eq!((summary.acked, summary.dead_lettered), (15, 1));
 
