@@ -20,49 +20,74 @@ use super::WorkerError;
 use crate::store::stream;
 
 /// The entries this worker holds (read, not yet acked) with the delivery count each was read
-/// with, and whether they are still renewed.
+/// with and its size, and whether they are still renewed. Also what the read budget counts:
+/// entries and bytes in hand.
 pub struct Leases {
-    held: Mutex<HashMap<String, u64>>,
+    held: Mutex<Held>,
     /// Set once renewal must end: the writer is done, or the model is stuck.
     stopped: watch::Sender<bool>,
+}
+
+/// Entry ID -> (delivery count, bytes), and the bytes in all.
+#[derive(Default)]
+struct Held {
+    entries: HashMap<String, (u64, usize)>,
+    bytes: usize,
 }
 
 impl Default for Leases {
     fn default() -> Self {
         Self {
-            held: Mutex::new(HashMap::new()),
+            held: Mutex::new(Held::default()),
             stopped: watch::channel(false).0,
         }
     }
 }
 
 impl Leases {
-    /// The reader took these entries: (entry ID, delivery count).
-    pub fn hold<'a>(&self, entries: impl IntoIterator<Item = (&'a str, u64)>) {
+    /// The reader took these entries: (entry ID, delivery count, bytes of fields and values).
+    pub fn hold<'a>(&self, entries: impl IntoIterator<Item = (&'a str, u64, usize)>) {
         let mut held = self.lock();
-        held.extend(entries.into_iter().map(|(id, n)| (id.to_string(), n)));
+        for (id, deliveries, bytes) in entries {
+            held.bytes += bytes;
+            if let Some((_, old)) = held.entries.insert(id.to_string(), (deliveries, bytes)) {
+                held.bytes -= old;
+            }
+        }
     }
 
     /// The writer acked these entries.
     pub fn release(&self, ids: &[String]) {
         let mut held = self.lock();
         for id in ids {
-            held.remove(id);
+            if let Some((_, bytes)) = held.entries.remove(id) {
+                held.bytes -= bytes;
+            }
         }
     }
 
     pub fn contains(&self, id: &str) -> bool {
-        self.lock().contains_key(id)
+        self.lock().entries.contains_key(id)
+    }
+
+    /// How many entries are held, and their bytes.
+    pub fn in_hand(&self) -> (usize, usize) {
+        let held = self.lock();
+        (held.entries.len(), held.bytes)
     }
 
     /// The entries held now.
     pub fn held(&self) -> Vec<String> {
-        self.lock().keys().cloned().collect()
+        self.lock().entries.keys().cloned().collect()
     }
 
     /// The entries held now with the delivery count each was read with.
     pub fn held_with_deliveries(&self) -> Vec<(String, u64)> {
-        self.lock().iter().map(|(id, n)| (id.clone(), *n)).collect()
+        self.lock()
+            .entries
+            .iter()
+            .map(|(id, (n, _))| (id.clone(), *n))
+            .collect()
     }
 
     /// No more renewals: what is held is left to idle, and to be reclaimed after `claim_idle`.
@@ -74,7 +99,7 @@ impl Leases {
         *self.stopped.borrow()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held
             .lock()
             .expect("the lease set's lock is never held across a panic")

@@ -1,9 +1,7 @@
 //! What the stages share: settings, the store, counters, the reader's budget, and the one set
 //! of rules for a Redis error (retry with back-off, or stop).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
@@ -28,11 +26,8 @@ pub struct Ctx {
     pub dead_stream: String,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    /// Entries read but not yet acked (for `--drain`, and the read budget).
-    in_flight: AtomicUsize,
-    /// Their sizes (field names and values), for the read budget in bytes.
-    held_bytes: Mutex<HeldBytes>,
-    /// The IDs of those entries, renewed so no other worker reclaims them while this one lives.
+    /// The entries read but not yet acked (for `--drain` and the read budget, in entries and
+    /// bytes), renewed so no other worker reclaims them while this one lives.
     pub leases: Leases,
     /// Signalled whenever the reader's budget may have grown: entries were acked (the writer),
     /// or a read was tokenised and the read size updated (the tokeniser).
@@ -64,8 +59,6 @@ impl Ctx {
             dead_stream: settings.dead_letter_stream(),
             metrics,
             health,
-            in_flight: AtomicUsize::new(0),
-            held_bytes: Mutex::default(),
             leases: Leases::default(),
             budget_grew: Notify::new(),
             read_ahead: ReadAhead::new(
@@ -80,51 +73,28 @@ impl Ctx {
         })
     }
 
+    /// Entries held (read, not yet acked).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
-    /// Bytes of the entries held (read, not yet acked).
-    pub fn bytes_in_flight(&self) -> usize {
-        self.held_bytes.lock().expect("never poisoned").total
+        self.leases.in_hand().0
     }
 
     /// Whether the reader may read again: below its budget in entries and tokens
     /// ([`ReadAhead::may_read`]) and in bytes (less than one read's `stream.read_bytes` held, so
     /// at most two reads' worth are ever in hand).
     pub fn may_read(&self) -> bool {
-        let entries = self.in_flight();
+        let (entries, bytes) = self.leases.in_hand();
         entries == 0
-            || (self.read_ahead.may_read(entries)
-                && self.bytes_in_flight() < self.settings.stream.read_bytes)
+            || (self.read_ahead.may_read(entries) && bytes < self.settings.stream.read_bytes)
     }
 
     /// The reader took these entries, (ID, delivery count, bytes): held, and renewed, until acked.
     pub fn took(&self, entries: &[(&str, u64, usize)]) {
-        self.in_flight.fetch_add(entries.len(), Ordering::Relaxed);
-        self.leases
-            .hold(entries.iter().map(|&(id, deliveries, _)| (id, deliveries)));
-        let mut held = self.held_bytes.lock().expect("never poisoned");
-        for &(id, _, bytes) in entries {
-            held.total += bytes;
-            if let Some(old) = held.by_id.insert(id.to_string(), bytes) {
-                held.total -= old;
-            }
-        }
+        self.leases.hold(entries.iter().copied());
     }
 
     /// The writer acked these entries.
     pub fn released(&self, ids: &[String]) {
         self.leases.release(ids);
-        self.in_flight.fetch_sub(ids.len(), Ordering::Relaxed);
-        {
-            let mut held = self.held_bytes.lock().expect("never poisoned");
-            for id in ids {
-                if let Some(bytes) = held.by_id.remove(id) {
-                    held.total -= bytes;
-                }
-            }
-        }
         self.budget_grew.notify_one();
     }
 
@@ -183,13 +153,6 @@ impl Ctx {
             }
         }
     }
-}
-
-/// The sizes of the entries in hand.
-#[derive(Default)]
-struct HeldBytes {
-    by_id: HashMap<String, usize>,
-    total: usize,
 }
 
 /// Sleeps unless `stop` fires first; false if stopped.
