@@ -203,6 +203,9 @@ pub struct WorkerSettings {
     /// Time allowed after SIGTERM to finish the batch in hand.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// An upsert whose text (and chunking rule) and model equal the stored document's skips the
+    /// model: its fields and version are replaced, its vectors kept.
+    pub skip_unchanged: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

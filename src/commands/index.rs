@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use crate::model::EmbeddingConfig;
 use crate::settings::Settings;
+use crate::store::generation::{self, Generation};
 use crate::store::{index, Store};
 
 #[derive(Debug, clap::Args)]
@@ -29,6 +30,24 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
     let store = Store::new(&settings.redis)?;
     super::runtime()?.block_on(async {
         let mut conn = store.connect().await?;
+        // The index the record names (after a reindex, the one `index.name` is an alias of).
+        let record = generation::load(&mut conn, &generation::record_key(&settings.index.name))
+            .await
+            .map_err(|e| store.error(e))?;
+        let current = record
+            .as_ref()
+            .map(|r| r.current.clone())
+            .unwrap_or(Generation {
+                fingerprint: String::new(),
+                model: String::new(),
+                index: settings.index.name.clone(),
+                vector_field: settings.index.vector_field.clone(),
+            });
+        let layout = index::Layout {
+            name: &current.index,
+            vector_field: &current.vector_field,
+            model_tag: false,
+        };
         match args.action {
             Action::Create => {
                 // The dimension comes from the model's facts, not a constant.
@@ -37,6 +56,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
                     &store,
                     &mut conn,
                     &settings.index,
+                    &layout,
                     settings.parent_field(),
                     dim,
                 )
@@ -52,7 +72,20 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
                 );
             }
             Action::Drop { delete_docs } => {
-                index::drop(&mut conn, &settings.index.name, delete_docs)
+                index::drop(&mut conn, &current.index, delete_docs)
+                    .await
+                    .map_err(|e| store.error(e))?;
+                if current.index != settings.index.name {
+                    let _: () = ::redis::cmd("FT.ALIASDEL")
+                        .arg(&settings.index.name)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| store.error(e))?;
+                }
+                // The record goes with the index: a new index may hold another model's vectors.
+                let _: () = ::redis::cmd("DEL")
+                    .arg(generation::record_key(&settings.index.name))
+                    .query_async(&mut conn)
                     .await
                     .map_err(|e| store.error(e))?;
                 println!("{} dropped", settings.index.name);
@@ -77,7 +110,16 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
                             println!("{key}: {}", crate::store::reply::text(v));
                         }
                     }
-                    if let Some(spec) = index::vector_spec(&info, &settings.index.vector_field) {
+                    if let Some(r) = &record {
+                        println!("model: {} [{}]", r.current.model, r.current.fingerprint);
+                        if let Some((next, phase)) = &r.next {
+                            println!(
+                                "reindexing to: {} [{}] ({phase:?})",
+                                next.model, next.fingerprint
+                            );
+                        }
+                    }
+                    if let Some(spec) = index::vector_spec(&info, &current.vector_field) {
                         println!(
                             "vector: {} DIM {} {}",
                             spec.data_type, spec.dim, spec.metric

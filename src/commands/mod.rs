@@ -5,6 +5,7 @@ pub mod dlq;
 pub mod embed;
 pub mod enqueue;
 pub mod index;
+pub mod reindex;
 pub mod run;
 pub mod search;
 pub mod stats;
@@ -42,6 +43,9 @@ pub enum Command {
     Enqueue(enqueue::Args),
     /// Create, drop or describe the index.
     Index(index::Args),
+    /// Move the index to another model without downtime: re-embed every document from its
+    /// stored text into a new index, then switch index.name to it.
+    Reindex(reindex::Args),
     /// Dead letters: list them, replay them to the stream once fixed, or purge them.
     Dlq(dlq::Args),
     /// Queue and index at a glance: stream length, lag, pending, consumers, dead letters, documents.
@@ -61,6 +65,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Search(args) => search::execute(settings, args),
         Command::Enqueue(args) => enqueue::execute(settings, args),
         Command::Index(args) => index::execute(settings, args),
+        Command::Reindex(args) => reindex::execute(settings, args),
         Command::BenchModel(args) => bench::execute(settings, args),
         Command::Stats(args) => stats::execute(settings, args),
         Command::Dlq(args) => dlq::execute(settings, args),

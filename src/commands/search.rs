@@ -9,7 +9,7 @@ use crate::model::Model;
 use crate::settings::Settings;
 use crate::store::documents::CHUNK_SEPARATOR;
 use crate::store::query::{self, Hit};
-use crate::store::Store;
+use crate::store::{generation, Store};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -55,6 +55,23 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
     }
     let hits = super::runtime()?.block_on(async {
         let mut conn = store.connect().await?;
+        // A query vector from another model than the index's ranks garbage: refuse it.
+        let key = generation::record_key(&settings.index.name);
+        if let Some(r) = generation::load(&mut conn, &key)
+            .await
+            .map_err(|e| anyhow::Error::from(store.error(e)))?
+        {
+            if r.current.fingerprint != model.fingerprint.id {
+                anyhow::bail!(
+                    "model mismatch: index {} holds vectors of {} [{}], and this query's model is {}. \
+                     Fix: set model.file (EMBED_WORKER__MODEL__FILE) to the index's model",
+                    settings.index.name,
+                    r.current.model,
+                    r.current.fingerprint,
+                    model.fingerprint
+                );
+            }
+        }
         // Chunks of one document compete for the k places: ask for more neighbours until k
         // documents are found or the index has no more.
         let mut knn = if args.chunks {

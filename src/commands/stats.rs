@@ -1,6 +1,6 @@
 //! `embed-worker stats [--json]`: the queue and the index at a glance, from Redis alone (works
 //! with no worker running): stream length, group lag and pending, consumers and their idle
-//! times, dead letters, indexed documents and indexing failures.
+//! times, dead letters, indexed documents and indexing failures, and the index's model.
 
 use std::process::ExitCode;
 
@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::settings::Settings;
 use crate::store::reply::{self, GroupInfo};
-use crate::store::{index, stream, Store};
+use crate::store::{generation, index, stream, Store};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -56,6 +56,18 @@ pub struct IndexStats {
     pub num_docs: u64,
     pub hash_indexing_failures: u64,
     pub percent_indexed: f64,
+    /// The index's model, from its record (`None`: no worker has recorded one yet).
+    pub model: Option<ModelStats>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelStats {
+    pub fingerprint: String,
+    pub name: String,
+    /// The FT index holding its vectors (`index.name`, or the index it is an alias of).
+    pub index: String,
+    /// During a reindex: the model it moves to, and "migrating" or "switching".
+    pub reindexing_to: Option<(String, String)>,
 }
 
 pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
@@ -87,6 +99,18 @@ pub async fn collect(
     } else {
         Vec::new()
     };
+    let record = generation::load(conn, &generation::record_key(&settings.index.name)).await?;
+    let model = record.map(|r| ModelStats {
+        fingerprint: r.current.fingerprint,
+        name: r.current.model,
+        index: r.current.index,
+        reindexing_to: r.next.map(|(g, phase)| {
+            (
+                format!("{} [{}]", g.model, g.fingerprint),
+                format!("{phase:?}").to_lowercase(),
+            )
+        }),
+    });
     let index = index::info(conn, &settings.index.name).await?.map(|info| {
         let get = |k: &str| info.iter().find(|(key, _)| key == k).map(|(_, v)| v);
         let num = |k: &str| get(k).map(reply::text).and_then(|t| t.parse::<f64>().ok());
@@ -95,6 +119,7 @@ pub async fn collect(
             num_docs: num("num_docs").unwrap_or(0.0) as u64,
             hash_indexing_failures: num("hash_indexing_failures").unwrap_or(0.0) as u64,
             percent_indexed: num("percent_indexed").unwrap_or(0.0),
+            model,
         }
     });
     Ok(Stats {
@@ -187,6 +212,24 @@ pub fn table(s: &Stats) -> String {
                 i.hash_indexing_failures,
                 i.percent_indexed * 100.0
             );
+            match &i.model {
+                Some(m) => {
+                    let _ = writeln!(out, "model         {} [{}]", m.name, m.fingerprint);
+                    if m.index != i.name {
+                        let _ = writeln!(
+                            out,
+                            "              (index {} is an alias of {})",
+                            i.name, m.index
+                        );
+                    }
+                    if let Some((to, phase)) = &m.reindexing_to {
+                        let _ = writeln!(out, "reindexing to {to} ({phase})");
+                    }
+                }
+                None => {
+                    let _ = writeln!(out, "model         (no record: no worker has started yet)");
+                }
+            }
         }
         None => {
             let _ = writeln!(out, "index         (missing: no worker has started yet)");

@@ -34,6 +34,7 @@ impl FakeEmbedder {
                 hang_token: hang,
                 ..FakeEmbedder::default()
             }),
+            fingerprint: super::Fingerprint::of_fake(&format!("fake hanging on {word}"), &config),
             config,
         })
     }

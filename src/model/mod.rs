@@ -7,6 +7,7 @@
 //! [`Embedder`] is the one trait in the crate: the pipeline is tested against a fast fake too.
 
 pub mod config;
+pub mod fingerprint;
 pub mod onnx;
 pub mod pooling;
 pub mod thread;
@@ -15,6 +16,7 @@ pub mod tokenize;
 use std::path::PathBuf;
 
 pub use config::EmbeddingConfig;
+pub use fingerprint::Fingerprint;
 pub use thread::ModelHandle;
 pub use tokenize::{Encoded, TextTokenizer, Tokens};
 
@@ -77,6 +79,8 @@ pub struct Model {
     pub tokenizer: std::sync::Arc<TextTokenizer>,
     pub handle: ModelHandle,
     pub config: EmbeddingConfig,
+    /// Which vector space this model writes in (checked against the index's record).
+    pub fingerprint: Fingerprint,
 }
 
 impl Model {
@@ -86,8 +90,11 @@ impl Model {
         let config = EmbeddingConfig::load(dir)?;
         let tokenizer = TextTokenizer::load(dir, config.max_seq_length)?;
         let options = onnx::OnnxOptions::from_settings(settings);
+        let fingerprint =
+            Fingerprint::of_files(&options.model_path, &dir.join("tokenizer.json"), &config)?;
         let embedder = onnx::OnnxEmbedder::load(&options, &config)?;
         Ok(Self {
+            fingerprint,
             tokenizer: std::sync::Arc::new(tokenizer),
             handle: ModelHandle::spawn(embedder),
             config,

@@ -92,6 +92,7 @@ pub struct Metrics {
     embedded: Counter,
     written: Counter,
     superseded: Counter,
+    unchanged: Counter,
     deleted: Counter,
     acked: Counter,
     dead_letters_trimmed: Counter,
@@ -133,6 +134,10 @@ impl Default for Metrics {
         let superseded = counter(
             "documents_superseded",
             "Upserts and deletes not applied because a newer version of the document was stored, tombstoned, or came later in the same read; acked",
+        );
+        let unchanged = counter(
+            "documents_unchanged",
+            "Upserts whose text and model equal the stored document's: fields and version replaced, vectors kept, no model run; acked",
         );
         let deleted = counter(
             "documents_deleted",
@@ -243,6 +248,7 @@ impl Default for Metrics {
             embedded,
             written,
             superseded,
+            unchanged,
             deleted,
             acked,
             dead_letters_trimmed,
@@ -274,6 +280,9 @@ impl Metrics {
     }
     pub fn superseded(&self, n: usize) {
         self.superseded.inc_by(n as u64);
+    }
+    pub fn unchanged(&self, n: usize) {
+        self.unchanged.inc_by(n as u64);
     }
     pub fn deleted(&self, n: usize) {
         self.deleted.inc_by(n as u64);

@@ -29,6 +29,8 @@ pub struct EntryRules {
     reserved: Arc<[String]>,
     /// Chunking is on.
     chunked: bool,
+    /// The chunking rule, part of every text's digest (see [`super::unchanged::digest`]).
+    digest_rule: Arc<str>,
 }
 
 impl EntryRules {
@@ -52,6 +54,7 @@ impl EntryRules {
             ]),
             reserved: reserved_fields(s).into(),
             chunked: s.parent_field().is_some(),
+            digest_rule: super::unchanged::rule(s).into(),
         }
     }
 }
@@ -95,6 +98,7 @@ pub fn parse(entry: RawEntry, rules: &EntryRules) -> Op {
                 id_at: rules.prefix.len(),
                 text_at,
                 control: rules.control.clone(),
+                digest_rule: rules.digest_rule.clone(),
             };
             Op::Upsert(Doc::taking_text(entry, key, version, place))
         }
@@ -256,6 +260,19 @@ fn check(entry: &RawEntry, rules: &EntryRules) -> Result<Checked, (DeadReason, S
             let detail = format!("field {name:?} is reserved for the worker's own use");
             return Err((DeadReason::ReservedField, detail));
         }
+    }
+    // Each model's vectors after a reindex: `<vector_field>@<fingerprint>`.
+    let model_vectors = format!("{}@", rules.vector_field);
+    if let Some((k, _)) = entry
+        .fields
+        .iter()
+        .find(|(k, _)| k.starts_with(model_vectors.as_bytes()))
+    {
+        let detail = format!(
+            "field {:?} is reserved for the worker's own use (a model's vectors)",
+            String::from_utf8_lossy(k)
+        );
+        return Err((DeadReason::ReservedField, detail));
     }
     Ok(Checked::Upsert {
         key,
@@ -450,7 +467,16 @@ mod tests {
         assert!(
             matches!(parse(hash, &rules), Op::DeadLetter(d) if d.reason == DeadReason::InvalidId)
         );
-        for name in ["parent", "chunk", "chunk_start", "chunk_end", "__ew_chunks"] {
+        for name in [
+            "parent",
+            "chunk",
+            "chunk_start",
+            "chunk_end",
+            "__ew_chunks",
+            "__ew_model",
+            "__ew_digest",
+            "embedding@0123abcd",
+        ] {
             let e = entry(&[(b"content", b"x"), (name.as_bytes(), b"1")]);
             assert!(
                 matches!(parse(e, &rules), Op::DeadLetter(d) if d.reason == DeadReason::ReservedField),

@@ -16,6 +16,7 @@ pub mod read_ahead;
 pub mod reason;
 pub mod shared;
 pub mod tokenize;
+pub mod unchanged;
 pub mod worker;
 pub mod write;
 

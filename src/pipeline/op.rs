@@ -89,6 +89,9 @@ pub struct Doc {
     /// The index of the text's field in `entry.fields`.
     text_at: usize,
     pub version: Version,
+    /// The digest of the text and the chunking rule, stored with the vectors: an upsert whose
+    /// digest (and model) equal the stored ones skips the model.
+    pub digest: String,
     /// The control fields (id, op, version): every other field is stored in the document.
     control: Arc<[Vec<u8>; 3]>,
     pub done: Completion,
@@ -101,6 +104,8 @@ pub struct DocPlace {
     pub id_at: usize,
     pub text_at: usize,
     pub control: Arc<[Vec<u8>; 3]>,
+    /// The chunking rule the digest covers.
+    pub digest_rule: Arc<str>,
 }
 
 impl Doc {
@@ -114,6 +119,7 @@ impl Doc {
         let text = String::from_utf8(std::mem::take(&mut entry.fields[place.text_at].1))
             .expect("checked as UTF-8");
         Doc {
+            digest: super::unchanged::digest(&place.digest_rule, &text),
             done: Completion::new(&entry.id),
             key,
             id_at: place.id_at,
@@ -244,6 +250,11 @@ pub enum AckWhy {
     Superseded,
     /// The entry was deleted from the stream (XDEL, trimming) while it was pending.
     DeletedFromStream,
+    /// Its text and model equal the stored document's: fields and version were replaced with
+    /// no model run (the unchanged stage).
+    Unchanged,
+    /// This very version was applied before (a redelivery after a crash before the ack).
+    Current,
 }
 
 impl Op {

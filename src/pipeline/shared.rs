@@ -11,6 +11,7 @@ use super::entry::EntryRules;
 use super::lease::Leases;
 use super::read_ahead::ReadAhead;
 use super::WorkerError;
+use crate::model::Fingerprint;
 use crate::observe::{Health, Metrics};
 use crate::settings::Settings;
 use crate::store::connect::{Backoff, Disposition, Store, StoreError};
@@ -38,6 +39,8 @@ pub struct Ctx {
     /// test can kill the process (or let another worker overtake) between read and write. Set
     /// by EMBED_WORKER_FAULT_PAUSE_BEFORE_WRITE.
     pub fault_pause_before_write: Option<Duration>,
+    /// This worker's model.
+    pub model: Fingerprint,
 }
 
 impl Ctx {
@@ -46,8 +49,10 @@ impl Ctx {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         max_seq_length: usize,
+        model: Fingerprint,
     ) -> Result<Self, StoreError> {
         Ok(Self {
+            model,
             store: Store::new(&settings.redis)?,
             docs: DocStore::from_settings(&settings),
             group: GroupRef {
@@ -71,6 +76,16 @@ impl Ctx {
                 .and_then(|v| humantime::parse_duration(&v).ok()),
             settings,
         })
+    }
+
+    /// The stop of a worker whose writes the index's model record refuses: the index holds
+    /// (or is switching to) the model `index_fingerprint`.
+    pub fn model_retired(&self, index_fingerprint: String) -> WorkerError {
+        WorkerError::ModelRetired {
+            index: self.settings.index.name.clone(),
+            index_fingerprint,
+            ours: self.model.clone(),
+        }
     }
 
     /// Entries held (read, not yet acked).

@@ -26,12 +26,15 @@ use super::op::Doc;
 use super::op::Write;
 use super::shared::{sleep_unless_stopped, Ctx};
 use super::tokenize::{tokenizer, Tokenized};
+use super::unchanged::sifter;
 use super::write::writer;
-use crate::model::{Model, ModelError};
+use crate::model::{Fingerprint, Model, ModelError};
 use crate::observe::metrics::Stage;
 use crate::observe::{Health, Metrics};
 use crate::settings::Settings;
 use crate::store::connect::StoreError;
+use crate::store::documents::Writer;
+use crate::store::generation::{self, Generation, Verdict};
 use crate::store::{documents, index, stream};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -70,6 +73,28 @@ pub enum WorkerError {
          Fix: set chunk.size (EMBED_WORKER__CHUNK__SIZE) to at most {max}"
     )]
     ChunkTooLong { size: usize, max: usize },
+    #[error(
+        "model mismatch: index {index} holds vectors of {index_model}, and this worker runs {ours}; \
+         it wrote nothing. Fix: set model.file (EMBED_WORKER__MODEL__FILE) to the index's model, \
+         or move the index to this model with `embed-worker reindex --model-file {file}`"
+    )]
+    ModelMismatch {
+        index: String,
+        index_model: String,
+        ours: Fingerprint,
+        file: String,
+    },
+    #[error(
+        "index {index} moved to another model ({index_fingerprint}) while this worker ran {ours}: \
+         its writes are refused, so it stops, leaving its entries pending for a worker of the \
+         index's model. Fix: restart with the index's model (EMBED_WORKER__MODEL__FILE; \
+         `embed-worker stats` names it)"
+    )]
+    ModelRetired {
+        index: String,
+        index_fingerprint: String,
+        ours: Fingerprint,
+    },
 }
 
 /// Runs the worker until `shutdown` resolves (or, with `drain`, until nothing is left).
@@ -100,6 +125,7 @@ pub async fn run(
         metrics,
         health,
         model.config.max_seq_length,
+        model.fingerprint.clone(),
     )?);
 
     let Some(conn) = start_up(&ctx, &stop_rx, model.handle.dimension()).await? else {
@@ -107,7 +133,7 @@ pub async fn run(
     };
     tracing::info!(
         stream = %ctx.group.stream, group = %ctx.group.group, consumer = %ctx.group.consumer,
-        index = %ctx.settings.index.name, model = %model.handle.name(), dimension = model.handle.dimension(),
+        index = %ctx.settings.index.name, model = %model.fingerprint, dimension = model.handle.dimension(),
         "worker started"
     );
 
@@ -129,10 +155,18 @@ pub async fn run(
         stop_rx.clone(),
         options,
     ));
+    // With worker.skip_unchanged, upserts pass the unchanged stage first (one more read in hand).
+    let changed_rx = if ctx.settings.worker.skip_unchanged {
+        let (changed_tx, changed_rx) = mpsc::channel::<Vec<Doc>>(1);
+        tasks.spawn(sifter(ctx.clone(), upsert_rx, changed_tx, write_tx.clone()));
+        changed_rx
+    } else {
+        upsert_rx
+    };
     tasks.spawn(tokenizer(
         ctx.clone(),
         model.clone(),
-        upsert_rx,
+        changed_rx,
         tokenized_tx,
         write_tx.clone(),
     ));
@@ -196,36 +230,66 @@ pub async fn run(
     Ok(summary)
 }
 
-/// Connects and prepares the group, the document functions and the index, retrying transient
-/// errors (a Redis still LOADING its dataset after a restart, a dropped connection) until
-/// `stop`. `None` = stopped first.
+/// How often a worker waiting for a reindex to reach its model looks again.
+const WAIT_POLL: Duration = Duration::from_secs(2);
+
+/// Connects and prepares the document functions, the model check, the group and the index,
+/// retrying transient errors (a Redis still LOADING its dataset after a restart, a dropped
+/// connection) until `stop`. A worker whose model a running `reindex` is moving the index to
+/// waits here (unready) until the switch. `None` = stopped first.
 async fn start_up(
     ctx: &Ctx,
     stop: &watch::Receiver<bool>,
     dimension: usize,
 ) -> Result<Option<MultiplexedConnection>, WorkerError> {
     let mut backoff = ctx.backoff();
+    let mut said_waiting = false;
     loop {
         let Some(mut conn) = ctx.connect_with_retry(stop, Duration::ZERO).await? else {
             return Ok(None);
         };
-        match prepare_redis(ctx, &mut conn, dimension).await {
-            Ok(()) => return Ok(Some(conn)),
-            Err(WorkerError::Store(e)) if ctx.transient(&e) => {
-                if !sleep_unless_stopped(backoff.next_delay(), stop).await {
-                    return Ok(None);
+        loop {
+            match prepare_redis(ctx, &mut conn, dimension).await {
+                Ok(true) => return Ok(Some(conn)),
+                Ok(false) => {
+                    if !said_waiting {
+                        said_waiting = true;
+                        tracing::info!(index = %ctx.settings.index.name, model = %ctx.model,
+                            "waiting: a reindex is moving the index to this worker's model; \
+                             this worker starts once it switches");
+                    }
+                    if !sleep_unless_stopped(WAIT_POLL, stop).await {
+                        return Ok(None);
+                    }
                 }
+                Err(WorkerError::Store(e)) if ctx.transient(&e) => {
+                    if !sleep_unless_stopped(backoff.next_delay(), stop).await {
+                        return Ok(None);
+                    }
+                    break;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
     }
 }
 
+/// True when ready to run; false while a reindex to this worker's model has not switched yet.
+/// The model is checked before anything is written (the group, the index).
 async fn prepare_redis(
     ctx: &Ctx,
     conn: &mut MultiplexedConnection,
     dimension: usize,
-) -> Result<(), WorkerError> {
+) -> Result<bool, WorkerError> {
+    if documents::ensure_library(conn)
+        .await
+        .map_err(|e| ctx.store.error(e))?
+    {
+        tracing::info!("loaded the embed_worker function library");
+    }
+    let Some(generation) = check_model(ctx, conn).await? else {
+        return Ok(false);
+    };
     let created = stream::ensure_group(conn, &ctx.group)
         .await
         .map_err(|e| ctx.store.error(e))?;
@@ -233,23 +297,87 @@ async fn prepare_redis(
         tracing::info!(stream = %ctx.group.stream, group = %ctx.group.group, "created consumer group");
     }
     ctx.health.set_group_present(true);
-    if documents::ensure_library(conn)
-        .await
-        .map_err(|e| ctx.store.error(e))?
-    {
-        tracing::info!("loaded the embed_worker function library");
-    }
+    let layout = index::Layout {
+        name: &generation.index,
+        vector_field: &generation.vector_field,
+        model_tag: false,
+    };
     if index::ensure(
         &ctx.store,
         conn,
         &ctx.settings.index,
+        &layout,
         ctx.settings.parent_field(),
         dimension,
     )
     .await?
     {
-        tracing::info!(index = %ctx.settings.index.name, dimension, "created index");
+        tracing::info!(index = %generation.index, dimension, "created index");
     }
     ctx.health.set_index_present(true);
-    Ok(())
+    if index::partial_indexed_docs(conn).await == Some(false) {
+        tracing::warn!(
+            "the Query Engine re-indexes a document on every write, even of fields \
+            outside the schema: an unchanged re-feed then costs an index update per document \
+            (~1-2 ms of Redis CPU each) instead of none. Load the module with \
+            PARTIAL_INDEXED_DOCS 1 (Redis 8: search-partial-indexed-docs yes); see \
+            docs/OPERATIONS.md \"Changing the model\""
+        );
+    }
+    ctx.docs.set_writer(Writer {
+        fingerprint: ctx.model.id.clone(),
+        vector_field: generation.vector_field.clone(),
+    });
+    Ok(true)
+}
+
+/// The index's model against this worker's: the generation to write (its index and field),
+/// `None` to wait for a reindex, or the refusal. The first worker of an index records its
+/// model as the index's.
+async fn check_model(
+    ctx: &Ctx,
+    conn: &mut MultiplexedConnection,
+) -> Result<Option<Generation>, WorkerError> {
+    let key = generation::record_key(&ctx.settings.index.name);
+    let s = &ctx.settings;
+    let record = match generation::load(conn, &key)
+        .await
+        .map_err(|e| ctx.store.error(e))?
+    {
+        Some(record) => record,
+        None => {
+            let existing = index::info(conn, &s.index.name)
+                .await
+                .map_err(|e| ctx.store.error(e))?;
+            let record = generation::adopt(
+                conn,
+                &key,
+                &Generation {
+                    fingerprint: ctx.model.id.clone(),
+                    model: ctx.model.name.clone(),
+                    index: s.index.name.clone(),
+                    vector_field: s.index.vector_field.clone(),
+                },
+            )
+            .await
+            .map_err(|e| ctx.store.error(e))?;
+            if existing.is_some() && record.current.fingerprint == ctx.model.id {
+                tracing::warn!(index = %s.index.name, model = %ctx.model, record = %key,
+                    "the index has no model record (it predates them): recorded this worker's \
+                     model as the index's. If its vectors came from another model, re-embed them \
+                     (`embed-worker reindex --model-file ...`)");
+            }
+            record
+        }
+    };
+    match record.verdict(&ctx.model.id) {
+        Verdict::Write(generation) => Ok(Some(generation)),
+        Verdict::Wait => Ok(None),
+        Verdict::Refuse => Err(WorkerError::ModelMismatch {
+            index: s.index.name.clone(),
+            index_model: format!("{} [{}]", record.current.model, record.current.fingerprint),
+            ours: ctx.model.clone(),
+            file: s.model.file.clone(),
+        }),
+    }
 }

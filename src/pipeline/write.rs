@@ -39,6 +39,10 @@ pub async fn writer(
                 }
             };
             match job.run(&ctx, c).await {
+                // What was applied before the refusal is acked; the rest stays pending.
+                Ok(()) if job.wrong_model.is_some() => {
+                    return Err(ctx.model_retired(job.wrong_model.take().unwrap_or_default()));
+                }
                 Ok(()) => break,
                 Err(e) => {
                     ctx.retry_or_stop(e)?;
@@ -62,6 +66,8 @@ struct Job {
     acks: Vec<String>,
     /// Entries dead-lettered and not yet acked.
     dead_acks: Vec<String>,
+    /// The index's model record refused this worker's writes: the fingerprint it names.
+    wrong_model: Option<String>,
 }
 
 impl Job {
@@ -71,6 +77,7 @@ impl Job {
             dead: Vec::new(),
             acks: Vec::new(),
             dead_acks: Vec::new(),
+            wrong_model: None,
         };
         for w in writes {
             match w {
@@ -79,7 +86,7 @@ impl Job {
                 Write::DeadLetter(d) => job.dead.push(d),
                 Write::AckOnly(a) => {
                     match a.why {
-                        AckWhy::Superseded => {}
+                        AckWhy::Superseded | AckWhy::Unchanged | AckWhy::Current => {}
                         AckWhy::DeletedFromStream => {
                             tracing::info!(entry = %a.done.entry_id(), "acking a pending entry deleted from the stream")
                         }
@@ -168,6 +175,14 @@ impl Job {
                         Applied::Current => {
                             tracing::debug!(%entry, %key, "already applied (a redelivery)")
                         }
+                        Applied::WrongModel(index) => {
+                            self.wrong_model = Some(index);
+                            // Not done: dropped unfinished, so its entry is never acked here.
+                            continue;
+                        }
+                        Applied::Unchanged | Applied::Changed => {
+                            unreachable!("only a touch answers {applied:?}")
+                        }
                     }
                     self.finished(change.into_completion());
                 }
@@ -193,6 +208,7 @@ impl DocChange {
             DocChange::Upsert(e) => Change::Upsert {
                 key: &e.doc.key,
                 version: e.doc.version,
+                digest: &e.doc.digest,
                 body: match e.chunks.as_slice() {
                     [one] => Body::Whole {
                         fields: e.doc.stored_fields().collect(),

@@ -4,7 +4,11 @@
 -- chunks of two versions of one document mixed. Loaded once (FUNCTION LOAD) and called by name
 -- (FCALL). Every key a function touches is declared in KEYS:
 --   KEYS[1] the document key (e.g. doc:42), KEYS[2] its tombstone (e.g. embed:tomb:{doc:42}),
---   KEYS[3], KEYS[4], ... the keys of its chunks doc:42#0, doc:42#1, ... (at least #0).
+--   KEYS[3] the index's model record (e.g. embed:index:{vector_idx}),
+--   KEYS[4], KEYS[5], ... the keys of its chunks doc:42#0, doc:42#1, ... (at least #0).
+-- The model record says which model's vectors the index holds: only a writer whose model
+-- fingerprint is among its `writers` may change a document (a worker on another model is
+-- refused with "model <the index's fingerprint>"), so vector spaces never mix.
 -- A document that fits one chunk is one hash at KEYS[1]; a longer one is the hashes of its
 -- chunks, each holding __ew_chunks (their count), and nothing at KEYS[1]. When the stored
 -- document has more chunks than the caller declared, a function changes nothing and answers
@@ -12,9 +16,31 @@
 -- A version is ordered by (producer version, stream entry ID): ARGV[1] is the producer version
 -- (a decimal integer, "0" when the entry had none), ARGV[2] the entry ID ("ms-seq").
 -- Every hash keeps both in __ew_version and __ew_entry; a tombstone is the string
--- "<version> <entry ID>" with a TTL.
+-- "<version> <entry ID>" with a TTL. Every hash also keeps __ew_model, the fingerprints of the
+-- models whose vectors it holds (one, or two while `reindex` adds the next model's), and
+-- __ew_digest, the digest of its document's text and chunking rule, which lets an unchanged
+-- re-feed skip the model (ew_touch).
 
-local LIBRARY_VERSION = '3'
+local LIBRARY_VERSION = '4'
+
+-- Where the chunk keys start in KEYS.
+local CHUNK0 = 4
+
+local function has_word(list, word)
+  if not list then return false end
+  for w in string.gmatch(list, '%S+') do
+    if w == word then return true end
+  end
+  return false
+end
+
+-- nil when a writer of model `fingerprint` may write, else the refusal ("model <the index's
+-- fingerprint>", or "model none" when the record is missing).
+local function refused_model(record, fingerprint)
+  local r = redis.call('HMGET', record, 'writers', 'fingerprint')
+  if has_word(r[1], fingerprint) then return nil end
+  return 'model ' .. (r[2] or 'none')
+end
 
 local function pad(digits)
   return string.rep('0', 20 - #digits) .. digits
@@ -35,7 +61,7 @@ end
 -- document or none).
 local function stored(keys)
   local whole = redis.call('HMGET', keys[1], '__ew_version', '__ew_entry')
-  local first = redis.call('HMGET', keys[3], '__ew_version', '__ew_entry', '__ew_chunks')
+  local first = redis.call('HMGET', keys[CHUNK0], '__ew_version', '__ew_entry', '__ew_chunks')
   local have = order_key(whole[1], whole[2])
   local chunked = order_key(first[1], first[2])
   if chunked and (not have or chunked > have) then have = chunked end
@@ -74,7 +100,7 @@ local function before_write(keys, new)
   local have, chunks = stored(keys)
   local why = stale(keys, have, new)
   if why then return why, chunks end
-  if chunks > #keys - 2 then return 'keys ' .. chunks, chunks end
+  if chunks > #keys - (CHUNK0 - 1) then return 'keys ' .. chunks, chunks end
   return nil, chunks
 end
 
@@ -117,26 +143,29 @@ local function pairs_from(args, at, count, into)
   return at
 end
 
--- ARGV: version, entry ID, the chunk count n, the count c of shared field pairs, those c pairs
--- (the entry's fields every chunk holds), then for each chunk: its pair count and its pairs
--- (the vector among them). Replaces the whole document: a field the new version dropped is
--- gone, and so is every chunk past the new count.
+-- ARGV: version, entry ID, the writer's model fingerprint, the text's digest, the chunk count
+-- n, the count c of shared field pairs, those c pairs (the entry's fields every chunk holds),
+-- then for each chunk: its pair count and its pairs (the vector among them). Replaces the whole
+-- document: a field the new version dropped is gone, and so is every chunk past the new count.
 local function upsert(keys, args)
   local new, err = checked_order(args)
   if not new then return err end
+  local no = refused_model(keys[3], args[3])
+  if no then return no end
   local why, old = before_write(keys, new)
   if why then return why end
-  local n = tonumber(args[3])
-  if not n or n < 1 or (n > 1 and n > #keys - 2) then
-    return redis.error_reply('ERR embed_worker: ' .. tostring(args[3]) .. ' chunks with ' .. (#keys - 2) .. ' chunk keys')
+  local n = tonumber(args[5])
+  local declared = #keys - (CHUNK0 - 1)
+  if not n or n < 1 or (n > 1 and n > declared) then
+    return redis.error_reply('ERR embed_worker: ' .. tostring(args[5]) .. ' chunks with ' .. declared .. ' chunk keys')
   end
-  local book = { '__ew_version', args[1], '__ew_entry', args[2] }
+  local book = { '__ew_version', args[1], '__ew_entry', args[2], '__ew_model', args[3], '__ew_digest', args[4] }
   if n > 1 then
-    book[5] = '__ew_chunks'
-    book[6] = tostring(n)
+    book[#book + 1] = '__ew_chunks'
+    book[#book + 1] = tostring(n)
   end
   local shared = {}
-  local at = pairs_from(args, 5, tonumber(args[4]), shared)
+  local at = pairs_from(args, 7, tonumber(args[6]), shared)
   for c = 1, n do
     local fields = {}
     for i = 1, #book do fields[i] = book[i] end
@@ -146,37 +175,195 @@ local function upsert(keys, args)
     if n == 1 then
       replace(keys[1], fields)
     else
-      replace(keys[2 + c], fields)
+      replace(keys[CHUNK0 - 1 + c], fields)
     end
   end
   if n > 1 then
     redis.call('DEL', keys[1])
   end
   for c = (n > 1 and n or 0) + 1, old do
-    redis.call('DEL', keys[2 + c])
+    redis.call('DEL', keys[CHUNK0 - 1 + c])
   end
   redis.call('DEL', keys[2])
   return 'written'
 end
 
--- ARGV: version, entry ID, tombstone TTL in milliseconds.
+-- The vector fields the model record names (the index's, the next model's during a reindex,
+-- the previous model's until it is retired): a touch keeps them all.
+local function vector_fields(record)
+  local f = redis.call('HMGET', record, 'vector_field', 'next_vector_field', 'old_vector_field')
+  local out = {}
+  for i = 1, 3 do
+    if f[i] then out[#out + 1] = f[i] end
+  end
+  return out
+end
+
+-- Whether the hash at `key` holds exactly `fields` (a flat name, value list) besides its
+-- version bookkeeping.
+local function same_fields(key, fields)
+  local stored = redis.call('HGETALL', key)
+  local have = {}
+  local n = 0
+  for i = 1, #stored, 2 do
+    local name = stored[i]
+    if name ~= '__ew_version' and name ~= '__ew_entry' then
+      have[name] = stored[i + 1]
+      n = n + 1
+    end
+  end
+  if n * 2 ~= #fields then return false end
+  for i = 1, #fields, 2 do
+    if have[fields[i]] ~= fields[i + 1] then return false end
+  end
+  return true
+end
+
+-- The fields of one chunk of a multi-chunk document that a touch keeps as they are.
+local CHUNK_OWN = { 'chunk', 'chunk_start', 'chunk_end' }
+
+-- ARGV: version, entry ID, the writer's model fingerprint, the text's digest, the text field's
+-- name, the parent field's name and value (the document id), the count c of field pairs and
+-- those pairs: every field the entry stores, text included. When the stored document has this
+-- digest and holds vectors of this model, its fields are replaced and its version advanced with
+-- no model run: "unchanged". A one-chunk document takes the pairs as they are; each chunk of a
+-- multi-chunk one takes them less the text, plus the parent, and keeps its own text, number and
+-- span. Vectors and the chunk count are kept. Otherwise nothing changes: "changed" (embed it,
+-- then ew_upsert).
+local function touch(keys, args)
+  local new, err = checked_order(args)
+  if not new then return err end
+  local no = refused_model(keys[3], args[3])
+  if no then return no end
+  local why, old = before_write(keys, new)
+  if why then return why end
+  local targets = {}
+  if old > 0 then
+    for c = 1, old do targets[c] = keys[CHUNK0 - 1 + c] end
+  elseif redis.call('EXISTS', keys[1]) == 1 then
+    targets[1] = keys[1]
+  else
+    return 'changed'
+  end
+  local first = redis.call('HMGET', targets[1], '__ew_digest', '__ew_model')
+  if first[1] ~= args[4] or not has_word(first[2], args[3]) then return 'changed' end
+  local text_field = args[5]
+  local given = {}
+  pairs_from(args, 9, tonumber(args[8]), given)
+  local kept = vector_fields(keys[3])
+  kept[#kept + 1] = '__ew_chunks'
+  if old > 0 then
+    local without_text = {}
+    for i = 1, #given, 2 do
+      if given[i] ~= text_field then
+        without_text[#without_text + 1] = given[i]
+        without_text[#without_text + 1] = given[i + 1]
+      end
+    end
+    without_text[#without_text + 1] = args[6]
+    without_text[#without_text + 1] = args[7]
+    given = without_text
+    kept[#kept + 1] = text_field
+    for _, name in ipairs(CHUNK_OWN) do kept[#kept + 1] = name end
+  end
+  for _, key in ipairs(targets) do
+    local values = redis.call('HMGET', key, unpack(kept))
+    local fields = { '__ew_model', first[2], '__ew_digest', args[4] }
+    for i = 1, #given do fields[#fields + 1] = given[i] end
+    for i, name in ipairs(kept) do
+      if values[i] then
+        fields[#fields + 1] = name
+        fields[#fields + 1] = values[i]
+      end
+    end
+    if same_fields(key, fields) then
+      -- A replay: only the version moves. Outside the schema, so with the Query Engine's
+      -- PARTIAL_INDEXED_DOCS the index is not touched at all.
+      redis.call('HSET', key, '__ew_version', args[1], '__ew_entry', args[2])
+    else
+      fields[#fields + 1] = '__ew_version'
+      fields[#fields + 1] = args[1]
+      fields[#fields + 1] = '__ew_entry'
+      fields[#fields + 1] = args[2]
+      replace(key, fields)
+    end
+  end
+  redis.call('DEL', keys[2])
+  return 'unchanged'
+end
+
+-- ARGV: version, entry ID, tombstone TTL in milliseconds, the writer's model fingerprint.
 -- Removes the document (every chunk) and leaves a tombstone that stops older upserts arriving late.
 local function delete(keys, args)
   local new, err = checked_order(args)
   if not new then return err end
+  local no = refused_model(keys[3], args[4])
+  if no then return no end
   local why, old = before_write(keys, new)
   if why then return why end
   local removed = redis.call('DEL', keys[1])
   for c = 1, old do
-    removed = removed + redis.call('DEL', keys[2 + c])
+    removed = removed + redis.call('DEL', keys[CHUNK0 - 1 + c])
   end
   redis.call('SET', keys[2], args[1] .. ' ' .. args[2], 'PX', args[3])
   if removed > 0 then return 'deleted' end
   return 'absent'
 end
 
+-- The model record: KEYS[1] the record. ARGV: fingerprint, model name, index name, vector
+-- field. Creates it when missing (the first worker of an index); answers the record as a flat
+-- field, value list either way, so every worker compares its model with the same one.
+local function adopt(keys, args)
+  if redis.call('EXISTS', keys[1]) == 0 then
+    redis.call('HSET', keys[1], 'fingerprint', args[1], 'model', args[2], 'index', args[3],
+      'vector_field', args[4], 'writers', args[1])
+  end
+  return redis.call('HGETALL', keys[1])
+end
+
+-- `reindex`: adds the next model's vector to one stored hash (a document or one chunk), unless
+-- it was rewritten since it was read. KEYS[1] the hash, KEYS[2] the model record. ARGV: the
+-- version and entry ID read with its text, the next model's fingerprint, the vector bytes.
+-- Answers "written", "changed" (a newer version was written since: its writer's version will
+-- be embedded again), or "not migrating" (the record names no such next model).
+local function reembed(keys, args)
+  local r = redis.call('HMGET', keys[2], 'next_fingerprint', 'next_vector_field')
+  if r[1] ~= args[3] or not r[2] then return 'not migrating' end
+  local have = redis.call('HMGET', keys[1], '__ew_version', '__ew_entry', '__ew_model')
+  if have[1] ~= args[1] or have[2] ~= args[2] then return 'changed' end
+  local models = have[3] or ''
+  if not has_word(models, args[3]) then models = models .. ' ' .. args[3] end
+  redis.call('HSET', keys[1], r[2], args[4], '__ew_model', models)
+  return 'written'
+end
+
+-- `reindex --drop-old`: removes the previous model's vector from one stored hash once the index
+-- has moved on. KEYS[1] the hash, KEYS[2] the model record. ARGV: that vector field and model
+-- fingerprint. Answers "retired", "none" (nothing of it there), or "current" (refused: that
+-- model is still the index's).
+local function retire(keys, args)
+  local current = redis.call('HGET', keys[2], 'fingerprint')
+  if not current or current == args[2] then return 'current' end
+  local models = redis.call('HGET', keys[1], '__ew_model')
+  local removed = redis.call('HDEL', keys[1], args[1])
+  if has_word(models, args[2]) then
+    local kept = {}
+    for w in string.gmatch(models, '%S+') do
+      if w ~= args[2] then kept[#kept + 1] = w end
+    end
+    redis.call('HSET', keys[1], '__ew_model', table.concat(kept, ' '))
+    removed = removed + 1
+  end
+  if removed > 0 then return 'retired' end
+  return 'none'
+end
+
 redis.register_function('ew_upsert', upsert)
+redis.register_function('ew_touch', touch)
 redis.register_function('ew_delete', delete)
+redis.register_function('ew_adopt', adopt)
+redis.register_function('ew_reembed', reembed)
+redis.register_function('ew_retire', retire)
 redis.register_function{
   function_name = 'ew_library_version',
   callback = function() return LIBRARY_VERSION end,

@@ -6,6 +6,7 @@
 //! through [`DocStore`] and [`Change`], so another storage is a change here, not in the pipeline.
 
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use ::redis::aio::MultiplexedConnection;
@@ -19,16 +20,27 @@ use crate::settings::Settings;
 /// The function library, loaded with FUNCTION LOAD REPLACE when the server lacks this version.
 pub const LIBRARY: &str = include_str!("documents.lua");
 /// Must equal `LIBRARY_VERSION` in documents.lua (a unit test checks); bump both on any change.
-const LIBRARY_VERSION: &str = "3";
+const LIBRARY_VERSION: &str = "4";
 
 /// Bookkeeping fields of every document hash: the producer version ("0" when the entry had
-/// none) and the stream entry ID of the version stored; in each chunk of a multi-chunk document
-/// also the number of chunks. Not in the index schema, so never indexed; an entry carrying a
-/// field of any of these names is refused (reserved_field).
+/// none) and the stream entry ID of the version stored; the fingerprints of the models whose
+/// vectors it holds (space-separated: one, or two while `reindex` adds the next model's); the
+/// digest of the text and chunking rule its vectors were made from; in each chunk of a
+/// multi-chunk document also the number of chunks. Not in the index schema, so never indexed
+/// (but the next model's index during `reindex` indexes `__ew_model` as a TAG, to find what it
+/// still lacks); an entry carrying a field of any of these names is refused (reserved_field).
 pub const VERSION_FIELD: &str = "__ew_version";
 pub const ENTRY_FIELD: &str = "__ew_entry";
 pub const CHUNKS_FIELD: &str = "__ew_chunks";
-pub const BOOKKEEPING_FIELDS: [&str; 3] = [VERSION_FIELD, ENTRY_FIELD, CHUNKS_FIELD];
+pub const MODEL_FIELD: &str = "__ew_model";
+pub const DIGEST_FIELD: &str = "__ew_digest";
+pub const BOOKKEEPING_FIELDS: [&str; 5] = [
+    VERSION_FIELD,
+    ENTRY_FIELD,
+    CHUNKS_FIELD,
+    MODEL_FIELD,
+    DIGEST_FIELD,
+];
 
 /// The fields of each chunk of a multi-chunk document, besides the parent TAG
 /// (`chunk.parent_field`), its text and the entry's other fields: its number from 0, and its
@@ -73,25 +85,49 @@ impl fmt::Display for EntryId {
     }
 }
 
-/// How documents are stored: key layout, chunk fields and tombstones.
-#[derive(Debug, Clone)]
+/// How documents are stored: key layout, chunk fields, tombstones, and which model writes.
+#[derive(Debug)]
 pub struct DocStore {
-    vector_field: String,
     text_field: String,
     parent_field: String,
     tombstone_prefix: String,
     tombstone_ttl: Duration,
+    /// The index's model record (see [`super::generation`]).
+    record_key: String,
+    /// This writer's model and the hash field its vectors go to: known once start-up has
+    /// checked the model against the index's record.
+    writer: OnceLock<Writer>,
+}
+
+/// Who writes: the model's fingerprint, and the hash field its vectors go to (the index's
+/// vector field, as its model record names it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writer {
+    pub fingerprint: String,
+    pub vector_field: String,
 }
 
 impl DocStore {
     pub fn from_settings(s: &Settings) -> Self {
         Self {
-            vector_field: s.index.vector_field.clone(),
             text_field: s.stream.text_field.clone(),
             parent_field: s.chunk.parent_field.clone(),
             tombstone_prefix: s.index.tombstone_prefix.clone(),
             tombstone_ttl: s.index.tombstone_ttl,
+            record_key: super::generation::record_key(&s.index.name),
+            writer: OnceLock::new(),
         }
+    }
+
+    /// Sets who writes, once (start-up, after the model check).
+    pub fn set_writer(&self, writer: Writer) {
+        let _ = self.writer.set(writer);
+    }
+
+    fn writer(&self) -> &Writer {
+        self.writer
+            .get()
+            .expect("the writer is set at start-up, before any write")
     }
 
     /// The key of chunk `n` of the multi-chunk document at `key`.
@@ -113,7 +149,20 @@ pub enum Change<'a> {
     Upsert {
         key: &'a str,
         version: Version,
+        /// The digest of the text and chunking rule (see `pipeline::unchanged`).
+        digest: &'a str,
         body: Body<'a>,
+    },
+    /// Replace the document's fields and version but keep its vectors, if it holds this
+    /// digest's vectors of this writer's model (`Unchanged`); else change nothing (`Changed`).
+    Touch {
+        key: &'a str,
+        version: Version,
+        digest: &'a str,
+        /// The document id, the chunks' parent.
+        parent: &'a str,
+        /// Every field the entry stores, its text included.
+        fields: Vec<(&'a [u8], &'a [u8])>,
     },
     /// Remove the document (every chunk) and leave a tombstone, unless a newer version is stored.
     Delete { key: &'a str, version: Version },
@@ -160,13 +209,15 @@ impl Change<'_> {
 
     fn key(&self) -> &str {
         match self {
-            Change::Upsert { key, .. } | Change::Delete { key, .. } => key,
+            Change::Upsert { key, .. } | Change::Touch { key, .. } | Change::Delete { key, .. } => {
+                key
+            }
         }
     }
 }
 
 /// What the server did with a change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
     /// The document now holds this version.
     Written,
@@ -178,6 +229,15 @@ pub enum Applied {
     Superseded,
     /// This very version was applied before (a redelivery after a crash before the ack).
     Current,
+    /// A touch: the stored document had this text's vectors of this model; its fields and
+    /// version were replaced, its vectors kept.
+    Unchanged,
+    /// A touch: the stored document is absent or differs; nothing changed (embed it).
+    Changed,
+    /// The index's model record does not list this writer's model among its writers (the
+    /// index moved to another model, or is moving): nothing changed, and no write of this
+    /// writer will ever be taken. Holds the index's fingerprint ("none": no record).
+    WrongModel(String),
 }
 
 /// A change's outcome: applied, or refused for the document alone (e.g. its key holds another
@@ -271,28 +331,58 @@ fn push_call(
 ) {
     let function = match change {
         Change::Upsert { .. } => "ew_upsert",
+        Change::Touch { .. } => "ew_touch",
         Change::Delete { .. } => "ew_delete",
     };
     let key = change.key();
+    let writer = store.writer();
     let cmd = pipe
         .cmd("FCALL")
         .arg(function)
-        .arg(2 + chunk_keys)
+        .arg(3 + chunk_keys)
         .arg(key)
-        .arg(store.tombstone_key(key));
+        .arg(store.tombstone_key(key))
+        .arg(&store.record_key);
     for n in 0..chunk_keys {
         cmd.arg(DocStore::chunk_key(key, n));
     }
     match change {
-        Change::Upsert { version, body, .. } => {
-            cmd.arg(version.producer).arg(version.entry.to_string());
+        Change::Touch {
+            version,
+            digest,
+            parent,
+            fields,
+            ..
+        } => {
+            cmd.arg(version.producer)
+                .arg(version.entry.to_string())
+                .arg(&writer.fingerprint)
+                .arg(*digest)
+                .arg(&store.text_field)
+                .arg(&store.parent_field)
+                .arg(*parent)
+                .arg(fields.len());
+            for (k, v) in fields {
+                cmd.arg(*k).arg(*v);
+            }
+        }
+        Change::Upsert {
+            version,
+            digest,
+            body,
+            ..
+        } => {
+            cmd.arg(version.producer)
+                .arg(version.entry.to_string())
+                .arg(&writer.fingerprint)
+                .arg(*digest);
             match body {
                 Body::Whole { fields, vector } => {
                     cmd.arg(1).arg(0).arg(fields.len() + 1);
                     for (k, v) in fields {
                         cmd.arg(*k).arg(*v);
                     }
-                    cmd.arg(&store.vector_field).arg(vector_bytes(vector));
+                    cmd.arg(&writer.vector_field).arg(vector_bytes(vector));
                 }
                 Body::Chunks {
                     parent,
@@ -314,7 +404,7 @@ fn push_call(
                             .arg(c.chars.start)
                             .arg(CHUNK_END_FIELD)
                             .arg(c.chars.end)
-                            .arg(&store.vector_field)
+                            .arg(&writer.vector_field)
                             .arg(vector_bytes(c.vector));
                     }
                 }
@@ -324,7 +414,8 @@ fn push_call(
             let ttl_ms = store.tombstone_ttl.as_millis().max(1) as u64;
             cmd.arg(version.producer)
                 .arg(version.entry.to_string())
-                .arg(ttl_ms);
+                .arg(ttl_ms)
+                .arg(&writer.fingerprint);
         }
     }
 }
@@ -350,9 +441,16 @@ fn parse_reply(reply: Value) -> Result<Reply, RedisError> {
             "absent" => Applied::Absent,
             "superseded" => Applied::Superseded,
             "current" => Applied::Current,
+            "unchanged" => Applied::Unchanged,
+            "changed" => Applied::Changed,
             answer => {
                 if let Some(n) = answer.strip_prefix("keys ").and_then(|n| n.parse().ok()) {
                     return Ok(Reply::NeedKeys(n));
+                }
+                if let Some(fingerprint) = answer.strip_prefix("model ") {
+                    return Ok(Reply::Done(Ok(Applied::WrongModel(
+                        fingerprint.to_string(),
+                    ))));
                 }
                 return Err(RedisError::from((
                     ::redis::ErrorKind::UnexpectedReturnType,

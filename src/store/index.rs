@@ -15,11 +15,39 @@ pub struct VectorSpec {
     pub metric: String,
 }
 
-/// The FT.CREATE arguments for the settings and the model's dimension; `parent` is the TAG field
-/// holding a chunk's parent document id (while chunking is on).
-pub fn create_args(settings: &IndexSettings, parent: Option<&str>, dim: usize) -> Vec<String> {
+/// Which FT index, over which hash field of vectors. The first model's index is `index.name`
+/// over `index.vector_field`; after a `reindex` the name is an alias of the model's own index
+/// (`<index.name>@<fingerprint>`) over its own field (`<vector_field>@<fingerprint>`, queried
+/// as `vector_field`: `... AS embedding`, so every query reads the same).
+#[derive(Debug, Clone, Copy)]
+pub struct Layout<'a> {
+    pub name: &'a str,
+    pub vector_field: &'a str,
+    /// Also index `__ew_model` as a TAG: the next model's index, to find what it still lacks.
+    pub model_tag: bool,
+}
+
+impl<'a> Layout<'a> {
+    /// The first model's: `index.name` over `index.vector_field`.
+    pub fn first(settings: &'a IndexSettings) -> Self {
+        Self {
+            name: &settings.name,
+            vector_field: &settings.vector_field,
+            model_tag: false,
+        }
+    }
+}
+
+/// The FT.CREATE arguments for the settings, the layout and the model's dimension; `parent` is
+/// the TAG field holding a chunk's parent document id (while chunking is on).
+pub fn create_args(
+    settings: &IndexSettings,
+    layout: &Layout,
+    parent: Option<&str>,
+    dim: usize,
+) -> Vec<String> {
     let mut args: Vec<String> = vec![
-        settings.name.clone(),
+        layout.name.to_string(),
         "ON".into(),
         "HASH".into(),
         "PREFIX".into(),
@@ -32,6 +60,14 @@ pub fn create_args(settings: &IndexSettings, parent: Option<&str>, dim: usize) -
     }
     if let Some(parent) = parent.filter(|p| !declares(settings, p)) {
         args.extend([parent.to_string(), "TAG".into()]);
+    }
+    if layout.model_tag {
+        args.extend([
+            crate::store::documents::MODEL_FIELD.into(),
+            "TAG".into(),
+            "SEPARATOR".into(),
+            " ".into(),
+        ]);
     }
     let algorithm = settings.algorithm.to_uppercase();
     let mut attrs: Vec<String> = vec![
@@ -50,12 +86,11 @@ pub fn create_args(settings: &IndexSettings, parent: Option<&str>, dim: usize) -
             settings.ef_construction.to_string(),
         ]);
     }
-    args.extend([
-        settings.vector_field.clone(),
-        "VECTOR".into(),
-        algorithm,
-        attrs.len().to_string(),
-    ]);
+    args.push(layout.vector_field.to_string());
+    if layout.vector_field != settings.vector_field {
+        args.extend(["AS".into(), settings.vector_field.clone()]);
+    }
+    args.extend(["VECTOR".into(), algorithm, attrs.len().to_string()]);
     args.extend(attrs);
     args
 }
@@ -138,6 +173,7 @@ pub async fn ensure(
     store: &Store,
     conn: &mut MultiplexedConnection,
     settings: &IndexSettings,
+    layout: &Layout<'_>,
     parent: Option<&str>,
     dim: usize,
 ) -> Result<bool, StoreError> {
@@ -146,18 +182,15 @@ pub async fn ensure(
         data_type: "FLOAT32".into(),
         metric: settings.distance_metric.to_uppercase(),
     };
-    match info(conn, &settings.name)
-        .await
-        .map_err(|e| store.error(e))?
-    {
+    match info(conn, layout.name).await.map_err(|e| store.error(e))? {
         Some(existing) => {
-            let found = vector_spec(&existing, &settings.vector_field);
+            let found = vector_spec(&existing, layout.vector_field);
             match found {
                 Some(spec) if spec == wanted => {
                     if let Some(parent) = parent {
                         if !field_names(&existing).iter().any(|f| f == parent) {
                             let _: () = ::redis::cmd("FT.ALTER")
-                                .arg(&settings.name)
+                                .arg(layout.name)
                                 .arg("SCHEMA")
                                 .arg("ADD")
                                 .arg(parent)
@@ -165,7 +198,7 @@ pub async fn ensure(
                                 .query_async(conn)
                                 .await
                                 .map_err(|e| store.error(e))?;
-                            tracing::info!(index = %settings.name, field = parent,
+                            tracing::info!(index = %layout.name, field = parent,
                                 "added the chunks' parent TAG field to the index (FT.ALTER)");
                         }
                     }
@@ -176,8 +209,8 @@ pub async fn ensure(
                     message: format!(
                         "index {:?} exists but its vector field {:?} is {} while the model needs {} DIM {} {}. \
                          Fix: drop it (`embed-worker index drop`; documents stay) or set index.name to a new index",
-                        settings.name,
-                        settings.vector_field,
+                        layout.name,
+                        layout.vector_field,
                         other.map_or("missing".to_string(), |s| format!("{} DIM {} {}", s.data_type, s.dim, s.metric)),
                         wanted.data_type,
                         wanted.dim,
@@ -188,7 +221,7 @@ pub async fn ensure(
         }
         None => {
             let result: Result<(), _> = ::redis::cmd("FT.CREATE")
-                .arg(create_args(settings, parent, dim))
+                .arg(create_args(settings, layout, parent, dim))
                 .query_async(conn)
                 .await;
             match result {
@@ -198,6 +231,34 @@ pub async fn ensure(
                 Err(e) => Err(store.error(e)),
             }
         }
+    }
+}
+
+/// The Query Engine's PARTIAL_INDEXED_DOCS: whether a write of fields outside every schema
+/// leaves the indexed document alone. `None` when it cannot be read (an older module, or an ACL
+/// user without FT.CONFIG).
+pub async fn partial_indexed_docs(conn: &mut MultiplexedConnection) -> Option<bool> {
+    let reply: Value = ::redis::cmd("FT.CONFIG")
+        .arg("GET")
+        .arg("PARTIAL_INDEXED_DOCS")
+        .query_async(conn)
+        .await
+        .ok()?;
+    let value = pairs(&reply)
+        .into_iter()
+        .next()
+        .map(|(_, v)| text(&v))
+        .or_else(|| match &reply {
+            Value::Array(rows) => rows.first().map(|row| match row {
+                Value::Array(kv) => kv.get(1).map(text).unwrap_or_default(),
+                other => text(other),
+            }),
+            _ => None,
+        })?;
+    match value.to_lowercase().as_str() {
+        "true" | "1" | "yes" => Some(true),
+        "false" | "0" | "no" => Some(false),
+        _ => None,
     }
 }
 
@@ -224,21 +285,38 @@ mod tests {
         let s = crate::settings::Settings::load_from(None, Vec::new())
             .unwrap()
             .index;
-        let args = create_args(&s, None, 384).join(" ");
+        let first = Layout::first(&s);
+        let args = create_args(&s, &first, None, 384).join(" ");
         assert_eq!(
             args,
             "vector_idx ON HASH PREFIX 1 doc: SCHEMA content TEXT genre TAG embedding VECTOR HNSW 10 \
              TYPE FLOAT32 DIM 384 DISTANCE_METRIC L2 M 16 EF_CONSTRUCTION 200"
         );
         // Chunking on: the docs' schema plus the parent TAG, unless the schema has it already.
-        let args = create_args(&s, Some("parent"), 384).join(" ");
+        let args = create_args(&s, &first, Some("parent"), 384).join(" ");
         assert!(
             args.contains("genre TAG parent TAG embedding VECTOR"),
             "{args}"
         );
         let mut own = s.clone();
         own.schema.push("parent TAG SORTABLE".into());
-        let args = create_args(&own, Some("parent"), 384).join(" ");
+        let args = create_args(&own, &Layout::first(&own), Some("parent"), 384).join(" ");
         assert_eq!(args.matches("parent").count(), 1, "{args}");
+        // The next model's index: its own name and field, queried as `embedding`, and the TAG
+        // over the models a document holds.
+        let next = Layout {
+            name: "vector_idx@bbb",
+            vector_field: "embedding@bbb",
+            model_tag: true,
+        };
+        let args = create_args(&s, &next, None, 384).join(" ");
+        assert!(
+            args.starts_with("vector_idx@bbb ON HASH PREFIX 1 doc: SCHEMA"),
+            "{args}"
+        );
+        assert!(
+            args.contains("__ew_model TAG SEPARATOR   embedding@bbb AS embedding VECTOR HNSW"),
+            "{args}"
+        );
     }
 }

@@ -6,6 +6,7 @@
 pub mod connect;
 pub mod dead_letters;
 pub mod documents;
+pub mod generation;
 pub mod index;
 pub mod query;
 pub mod reply;

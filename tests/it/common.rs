@@ -138,7 +138,12 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         for m in redis_modules() {
-            cmd.arg("--loadmodule").arg(m);
+            cmd.arg("--loadmodule").arg(&m);
+            // As the embedded Redis runs it (scripts/redis.sh): a write of fields outside the
+            // schema (bookkeeping, another model's vector) does not re-index the document.
+            if m.file_name().is_some_and(|f| f == "redisearch.so") {
+                cmd.args(["PARTIAL_INDEXED_DOCS", "1"]);
+            }
         }
         self.child = Some(
             cmd.spawn()
@@ -378,6 +383,7 @@ pub fn fake_model(
     Model {
         handle: ModelHandle::spawn(fake(zebra)),
         tokenizer: std::sync::Arc::new(tokenizer),
+        fingerprint: embed_worker::model::Fingerprint::of_fake("fake", &config),
         config,
     }
 }

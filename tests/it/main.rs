@@ -9,6 +9,8 @@ mod freshness;
 mod leases;
 mod lifecycle;
 mod model;
+mod model_identity;
 mod ops;
+mod reindex;
 mod reliability;
 mod worker;

@@ -1,0 +1,646 @@
+//! `embed-worker reindex --model-file FILE [--drop-old]`: moves the index to another model with
+//! no downtime for queries and no re-feed by producers.
+//!
+//! 1. **Begin.** A new FT index `<index.name>@<fingerprint>` over the same documents, its vectors
+//!    in their own field `<vector_field>@<fingerprint>` (queried `AS <vector_field>`), and the
+//!    model record's `next_*` naming it. Workers of the current model go on writing.
+//! 2. **Pass.** Every stored hash (SCAN) lacking the next model's vector is embedded again from
+//!    its stored text and given it (`ew_reembed`, which skips a hash rewritten since it was read).
+//! 3. **Catch up.** A worker's upsert replaces the whole document, so whatever was written since
+//!    lacks the next vector again; the next index finds those (`-@__ew_model:{<fingerprint>}`)
+//!    and they are embedded again, round after round, while workers write.
+//! 4. **Hold and switch.** The record's `writers` is emptied, so every document function refuses
+//!    the old model's workers (they stop, leaving their entries pending); the last documents are
+//!    caught up; then `index.name` becomes an alias of the new index and the record names the new
+//!    model. Workers of the new model, waiting at start-up, start; queries never stop.
+//! 5. **Drop old** (`--drop-old`, now or in a later run): the previous model's index and vectors.
+//!
+//! Every step is resumable: a crash leaves the record saying where it was, and running the same
+//! command again goes on from there (a hash that has the next vector is skipped). Once switched,
+//! running it again does nothing.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{RedisError, Value};
+use anyhow::{bail, Context};
+
+use crate::model::Model;
+use crate::settings::Settings;
+use crate::store::documents::{self, ENTRY_FIELD, MODEL_FIELD, VERSION_FIELD};
+use crate::store::generation::{self, Generation, Phase, Record};
+use crate::store::query::vector_bytes;
+use crate::store::reply::{bytes, text};
+use crate::store::{index, Store};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The ONNX file of the model to move to, in model.dir (as model.file names it).
+    #[arg(long, value_name = "FILE")]
+    pub model_file: String,
+    /// Once switched, remove the previous model's index and its vectors from every document.
+    #[arg(long)]
+    pub drop_old: bool,
+    /// Texts per model call.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+}
+
+/// Keys per SCAN step, and per catch-up query.
+const SCAN_COUNT: usize = 500;
+/// Catch-up rounds run while workers write until fewer documents than this are left; the rest
+/// are done with writers held off (a pause in indexing, never in queries).
+const HOLD_BELOW: usize = 200;
+/// Catch-up rounds while workers write, at most (a write rate above the re-embed rate never
+/// converges; then the hold takes what is left).
+const MAX_OPEN_ROUNDS: usize = 20;
+/// How often progress is printed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
+    let mut next_settings = settings.clone();
+    next_settings.model.file = args.model_file.clone();
+    let model = Model::load(&next_settings)?;
+    let store = Store::new(&settings.redis)?;
+    super::runtime()?.block_on(async {
+        let mut conn = store.connect().await?;
+        let mut run = Reindex {
+            settings: &settings,
+            model: &model,
+            batch: args.batch.max(1),
+            key: generation::record_key(&settings.index.name),
+        };
+        run.execute(&mut conn, args.drop_old)
+            .await
+            .map_err(|e| match e.downcast::<RedisError>() {
+                Ok(e) => anyhow::Error::from(store.error(e)),
+                Err(e) => e,
+            })
+    })
+}
+
+struct Reindex<'a> {
+    settings: &'a Settings,
+    model: &'a Model,
+    batch: usize,
+    /// The model record's key.
+    key: String,
+}
+
+/// Counts of one pass or catch-up round.
+#[derive(Debug, Default)]
+struct Tally {
+    seen: u64,
+    embedded: u64,
+    /// Already had the next vector.
+    had: u64,
+    /// Rewritten by a worker between the read and the write (caught up later).
+    changed: u64,
+    /// Not written by embed-worker (no version): left as they are, without the next vector.
+    foreign: Vec<String>,
+}
+
+impl Reindex<'_> {
+    async fn execute(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        drop_old: bool,
+    ) -> anyhow::Result<ExitCode> {
+        if documents::ensure_library(conn).await? {
+            eprintln!("reindex: loaded the embed_worker function library");
+        }
+        let fp = self.model.fingerprint.id.clone();
+        let name = &self.settings.index.name;
+        let Some(record) = generation::load(conn, &self.key).await? else {
+            bail!(
+                "index {name} has no model record ({}): start a worker on it first (it records its \
+                 model), then reindex",
+                self.key
+            );
+        };
+        let next = match &record.next {
+            None if record.current.fingerprint == fp => {
+                println!(
+                    "index {name} is on {} [{}] already: nothing to move",
+                    record.current.model, record.current.fingerprint
+                );
+                if drop_old {
+                    self.drop_old(conn, &record).await?;
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some((next, _)) if next.fingerprint != fp => bail!(
+                "index {name} is being moved to {} [{}] by another reindex; finish that one \
+                 (`embed-worker reindex --model-file` with its file) before starting another",
+                next.model,
+                next.fingerprint
+            ),
+            Some((next, _)) => {
+                eprintln!(
+                    "reindex: resuming the move of {name} from {} [{}] to {}",
+                    record.current.model, record.current.fingerprint, self.model.fingerprint
+                );
+                next.clone()
+            }
+            None => {
+                if record.old.is_some() {
+                    eprintln!(
+                        "reindex: first removing the vectors of the model before the current one"
+                    );
+                    self.drop_old(conn, &record).await?;
+                }
+                self.begin(conn, &record).await?
+            }
+        };
+        let record = generation::load(conn, &self.key)
+            .await?
+            .context("the model record vanished during the reindex")?;
+        let started = Instant::now();
+        if matches!(record.next, Some((_, Phase::Migrating))) {
+            let pass = self.pass(conn, &next, &record.current).await?;
+            eprintln!(
+                "reindex: pass done in {:.1}s: {} hashes seen, {} embedded, {} had the new vector, \
+                 {} rewritten meanwhile (caught up next)",
+                started.elapsed().as_secs_f64(),
+                pass.seen,
+                pass.embedded,
+                pass.had,
+                pass.changed
+            );
+            wait_indexed(conn, &next.index).await?;
+            let mut rounds = 0;
+            loop {
+                let round = self.catch_up(conn, &next).await?;
+                rounds += 1;
+                let left = round.embedded + round.changed;
+                if (left as usize) < HOLD_BELOW || rounds >= MAX_OPEN_ROUNDS {
+                    break;
+                }
+            }
+            self.hold(conn).await?;
+        }
+        // Writers are held off: the last documents, until none lacks the next vector.
+        let foreign = loop {
+            let round = self.catch_up(conn, &next).await?;
+            if round.embedded + round.changed == 0 {
+                break round.foreign;
+            }
+        };
+        if !foreign.is_empty() {
+            eprintln!(
+                "reindex: {} hash(es) under {} were not written by embed-worker (no {VERSION_FIELD}) \
+                 and stay without the new vector, e.g. {}",
+                foreign.len(),
+                self.settings.index.prefix,
+                foreign[0]
+            );
+        }
+        self.switch(conn, &record.current, &next).await?;
+        println!(
+            "index {name} moved to {} [{}] in {:.1}s; workers of {} [{}] are refused from now on",
+            next.model,
+            next.fingerprint,
+            started.elapsed().as_secs_f64(),
+            record.current.model,
+            record.current.fingerprint
+        );
+        if drop_old {
+            let record = generation::load(conn, &self.key)
+                .await?
+                .context("the model record vanished")?;
+            self.drop_old(conn, &record).await?;
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    /// Creates the next model's index and names it in the record.
+    async fn begin(
+        &self,
+        conn: &mut MultiplexedConnection,
+        record: &Record,
+    ) -> anyhow::Result<Generation> {
+        let s = &self.settings.index;
+        let fp = &self.model.fingerprint;
+        let next = Generation {
+            fingerprint: fp.id.clone(),
+            model: fp.name.clone(),
+            index: format!("{}@{}", s.name, fp.id),
+            vector_field: format!("{}@{}", s.vector_field, fp.id),
+        };
+        let store = Store::new(&self.settings.redis)?;
+        index::ensure(
+            &store,
+            conn,
+            s,
+            &index::Layout {
+                name: &next.index,
+                vector_field: &next.vector_field,
+                model_tag: true,
+            },
+            self.settings.parent_field(),
+            self.model.handle.dimension(),
+        )
+        .await?;
+        let _: () = ::redis::cmd("HSET")
+            .arg(&self.key)
+            .arg("next_fingerprint")
+            .arg(&next.fingerprint)
+            .arg("next_model")
+            .arg(&next.model)
+            .arg("next_index")
+            .arg(&next.index)
+            .arg("next_vector_field")
+            .arg(&next.vector_field)
+            .arg("state")
+            .arg("migrating")
+            .query_async(conn)
+            .await?;
+        eprintln!(
+            "reindex: moving {} from {} [{}] to {}: new index {} (vectors in {})",
+            s.name,
+            record.current.model,
+            record.current.fingerprint,
+            fp,
+            next.index,
+            next.vector_field
+        );
+        Ok(next)
+    }
+
+    /// Every stored hash under the prefix, once (SCAN).
+    async fn pass(
+        &self,
+        conn: &mut MultiplexedConnection,
+        next: &Generation,
+        current: &Generation,
+    ) -> anyhow::Result<Tally> {
+        let total = index::info(conn, &current.index)
+            .await?
+            .and_then(|info| {
+                info.iter()
+                    .find(|(k, _)| k == "num_docs")
+                    .and_then(|(_, v)| text(v).parse::<f64>().ok())
+            })
+            .unwrap_or(0.0) as u64;
+        let pattern = format!("{}*", glob_escape(&self.settings.index.prefix));
+        let mut tally = Tally::default();
+        let mut cursor: u64 = 0;
+        let started = Instant::now();
+        let mut said = Instant::now();
+        loop {
+            let (next_cursor, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .arg("TYPE")
+                .arg("hash")
+                .query_async(conn)
+                .await?;
+            self.embed_keys(conn, next, &keys, &mut tally).await?;
+            if said.elapsed() >= PROGRESS_EVERY {
+                said = Instant::now();
+                let rate = tally.embedded as f64 / started.elapsed().as_secs_f64();
+                eprintln!(
+                    "reindex: {} of ~{total} hashes seen, {} embedded ({rate:.0}/s), {} had it",
+                    tally.seen, tally.embedded, tally.had
+                );
+            }
+            cursor = next_cursor;
+            if cursor == 0 {
+                return Ok(tally);
+            }
+        }
+    }
+
+    /// One round over the hashes the next index finds without the next model's vector: as many
+    /// as it found when the round began (more written meanwhile wait for the next round).
+    async fn catch_up(
+        &self,
+        conn: &mut MultiplexedConnection,
+        next: &Generation,
+    ) -> anyhow::Result<Tally> {
+        let mut tally = Tally::default();
+        let query = format!("-@{MODEL_FIELD}:{{{}}}", next.fingerprint);
+        let mut budget: Option<u64> = None;
+        loop {
+            // Hashes left as they are (foreign) stay in the answer: page past them.
+            let (total, keys) = lacking(conn, &next.index, &query, tally.foreign.len()).await?;
+            let budget = *budget.get_or_insert(total);
+            if keys.is_empty() || tally.seen >= budget {
+                break;
+            }
+            self.embed_keys(conn, next, &keys, &mut tally).await?;
+        }
+        if tally.embedded + tally.changed > 0 {
+            eprintln!(
+                "reindex: caught up {} document(s) written meanwhile ({} rewritten again)",
+                tally.embedded, tally.changed
+            );
+        }
+        Ok(tally)
+    }
+
+    /// Reads `keys`, embeds those lacking the next vector with the next model, and writes them.
+    async fn embed_keys(
+        &self,
+        conn: &mut MultiplexedConnection,
+        next: &Generation,
+        keys: &[String],
+        tally: &mut Tally,
+    ) -> anyhow::Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let text_field = &self.settings.stream.text_field;
+        let mut pipe = ::redis::pipe();
+        for key in keys {
+            pipe.cmd("HMGET")
+                .arg(key)
+                .arg(text_field)
+                .arg(VERSION_FIELD)
+                .arg(ENTRY_FIELD)
+                .arg(MODEL_FIELD);
+        }
+        let rows: Vec<Vec<Value>> = pipe.query_async(conn).await?;
+        // (key, version, entry, text) still to embed.
+        let mut todo: Vec<(&str, String, String, String)> = Vec::new();
+        for (key, row) in keys.iter().zip(rows) {
+            tally.seen += 1;
+            let [t, version, entry, models] = <[Value; 4]>::try_from(row).map_err(|_| {
+                anyhow::anyhow!("HMGET answered the wrong number of fields for {key}")
+            })?;
+            if matches!(version, Value::Nil) || matches!(entry, Value::Nil) {
+                tally.foreign.push(key.clone());
+                continue;
+            }
+            if text(&models)
+                .split_whitespace()
+                .any(|m| m == next.fingerprint)
+            {
+                tally.had += 1;
+                continue;
+            }
+            let t = String::from_utf8_lossy(&bytes(&t)).into_owned();
+            todo.push((key, text(&version), text(&entry), t));
+        }
+        for part in todo.chunks(self.batch) {
+            let texts: Vec<&str> = part.iter().map(|(_, _, _, t)| t.as_str()).collect();
+            let encoded = self.model.tokenizer.encode(&texts)?;
+            let vectors = self.model.handle.embed(encoded).await?;
+            let mut pipe = ::redis::pipe();
+            for ((key, version, entry, _), vector) in part.iter().zip(&vectors) {
+                pipe.cmd("FCALL")
+                    .arg("ew_reembed")
+                    .arg(2)
+                    .arg(*key)
+                    .arg(&self.key)
+                    .arg(version)
+                    .arg(entry)
+                    .arg(&next.fingerprint)
+                    .arg(vector_bytes(vector));
+            }
+            let answers: Vec<String> = pipe.query_async(conn).await?;
+            for answer in answers {
+                match answer.as_str() {
+                    "written" => tally.embedded += 1,
+                    "changed" => tally.changed += 1,
+                    other => bail!(
+                        "the model record no longer names {} as the next model ({other}): another \
+                         reindex or an `index drop` changed it; run reindex again",
+                        next.fingerprint
+                    ),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Holds every writer off: the document functions refuse all models from now on.
+    async fn hold(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+        let _: () = ::redis::cmd("HSET")
+            .arg(&self.key)
+            .arg("writers")
+            .arg("")
+            .arg("state")
+            .arg("switching")
+            .query_async(conn)
+            .await?;
+        eprintln!("reindex: writers held off for the last documents");
+        Ok(())
+    }
+
+    /// `index.name` becomes the new index (an alias), and the record names the new model, in one
+    /// MULTI: queries see the old index or the new one, never neither.
+    async fn switch(
+        &self,
+        conn: &mut MultiplexedConnection,
+        current: &Generation,
+        next: &Generation,
+    ) -> Result<(), RedisError> {
+        let name = &self.settings.index.name;
+        let mut tx = ::redis::pipe();
+        tx.atomic();
+        if current.index == *name {
+            // The first model's index holds the name itself: it goes (its documents stay), and
+            // the name comes back at once as the alias.
+            if !self.is_alias(conn).await? {
+                tx.cmd("FT.DROPINDEX").arg(name).ignore();
+            }
+            tx.cmd("FT.ALIASUPDATE").arg(name).arg(&next.index).ignore();
+        } else {
+            tx.cmd("FT.ALIASUPDATE").arg(name).arg(&next.index).ignore();
+        }
+        tx.cmd("HSET")
+            .arg(&self.key)
+            .arg("fingerprint")
+            .arg(&next.fingerprint)
+            .arg("model")
+            .arg(&next.model)
+            .arg("index")
+            .arg(&next.index)
+            .arg("vector_field")
+            .arg(&next.vector_field)
+            .arg("writers")
+            .arg(&next.fingerprint)
+            .arg("old_fingerprint")
+            .arg(&current.fingerprint)
+            .arg("old_model")
+            .arg(&current.model)
+            .arg("old_index")
+            .arg(&current.index)
+            .arg("old_vector_field")
+            .arg(&current.vector_field)
+            .ignore();
+        tx.cmd("HDEL")
+            .arg(&self.key)
+            .arg("next_fingerprint")
+            .arg("next_model")
+            .arg("next_index")
+            .arg("next_vector_field")
+            .arg("state")
+            .ignore();
+        let () = tx.query_async(conn).await?;
+        Ok(())
+    }
+
+    /// Whether `index.name` is an alias (or gone) rather than the first model's index.
+    async fn is_alias(&self, conn: &mut MultiplexedConnection) -> Result<bool, RedisError> {
+        let info = index::info(conn, &self.settings.index.name).await?;
+        Ok(info.is_none_or(|i| {
+            i.iter()
+                .find(|(k, _)| k == "index_name")
+                .is_some_and(|(_, v)| text(v) != self.settings.index.name)
+        }))
+    }
+
+    /// Removes the previous model's index (unless it was the first, already gone at the switch)
+    /// and its vector from every hash.
+    async fn drop_old(
+        &self,
+        conn: &mut MultiplexedConnection,
+        record: &Record,
+    ) -> anyhow::Result<()> {
+        let Some(old) = &record.old else {
+            println!("no previous model's vectors to remove");
+            return Ok(());
+        };
+        if old.index != self.settings.index.name && index::info(conn, &old.index).await?.is_some() {
+            index::drop(conn, &old.index, false).await?;
+        }
+        let pattern = format!("{}*", glob_escape(&self.settings.index.prefix));
+        let mut cursor: u64 = 0;
+        let mut retired = 0u64;
+        loop {
+            let (next_cursor, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .arg("TYPE")
+                .arg("hash")
+                .query_async(conn)
+                .await?;
+            if !keys.is_empty() {
+                let mut pipe = ::redis::pipe();
+                for key in &keys {
+                    pipe.cmd("FCALL")
+                        .arg("ew_retire")
+                        .arg(2)
+                        .arg(key)
+                        .arg(&self.key)
+                        .arg(&old.vector_field)
+                        .arg(&old.fingerprint);
+                }
+                let answers: Vec<String> = pipe.query_async(conn).await?;
+                for a in answers {
+                    match a.as_str() {
+                        "retired" => retired += 1,
+                        "none" => {}
+                        _ => bail!("refused to remove the vectors of the index's own model"),
+                    }
+                }
+            }
+            cursor = next_cursor;
+            if cursor == 0 {
+                break;
+            }
+        }
+        let _: () = ::redis::cmd("HDEL")
+            .arg(&self.key)
+            .arg("old_fingerprint")
+            .arg("old_model")
+            .arg("old_index")
+            .arg("old_vector_field")
+            .query_async(conn)
+            .await?;
+        println!(
+            "removed {} [{}]: its index {} and its vectors from {retired} hash(es)",
+            old.model, old.fingerprint, old.index
+        );
+        Ok(())
+    }
+}
+
+/// Waits until the Query Engine has scanned every existing key into `index` (a new index over
+/// existing documents fills in the background; until then it cannot say what lacks a vector).
+async fn wait_indexed(conn: &mut MultiplexedConnection, index: &str) -> Result<(), RedisError> {
+    let mut said = Instant::now();
+    loop {
+        let info = index::info(conn, index).await?.unwrap_or_default();
+        let get = |k: &str| {
+            info.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| text(v))
+                .unwrap_or_default()
+        };
+        let percent: f64 = get("percent_indexed").parse().unwrap_or(0.0);
+        if get("indexing") == "0" || percent >= 1.0 {
+            return Ok(());
+        }
+        if said.elapsed() >= PROGRESS_EVERY {
+            said = Instant::now();
+            eprintln!(
+                "reindex: {index} is scanning the documents: {:.0}%",
+                percent * 100.0
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How many hashes the next index finds without the next vector, and up to SCAN_COUNT of their
+/// keys from `offset`.
+async fn lacking(
+    conn: &mut MultiplexedConnection,
+    index: &str,
+    query: &str,
+    offset: usize,
+) -> Result<(u64, Vec<String>), RedisError> {
+    let reply: Value = ::redis::cmd("FT.SEARCH")
+        .arg(index)
+        .arg(query)
+        .arg("NOCONTENT")
+        .arg("LIMIT")
+        .arg(offset)
+        .arg(SCAN_COUNT)
+        .arg("DIALECT")
+        .arg(2)
+        .query_async(conn)
+        .await?;
+    let Value::Array(items) = reply else {
+        return Ok((0, Vec::new()));
+    };
+    let total = items
+        .first()
+        .map(text)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
+    Ok((total, items.iter().skip(1).map(text).collect()))
+}
+
+/// `prefix` as a SCAN MATCH pattern that matches it literally.
+fn glob_escape(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len());
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_is_matched_literally() {
+        assert_eq!(glob_escape("doc:"), "doc:");
+        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+}
