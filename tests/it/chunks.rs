@@ -123,7 +123,17 @@ fn a_long_document_is_found_by_a_sentence_near_its_end_and_shown_once() {
     let zero = hash(&mut conn, &format!("{}0", names.prefix));
     let mut fields: Vec<&str> = zero.keys().map(String::as_str).collect();
     fields.sort();
-    assert_eq!(fields, ["__ew_entry", "__ew_version", "content", "genre"]);
+    assert_eq!(
+        fields,
+        [
+            "__ew_digest",
+            "__ew_entry",
+            "__ew_model",
+            "__ew_version",
+            "content",
+            "genre"
+        ]
+    );
 
     let out = run_ok(worker_cmd(&server, &names).args(["search", &query, "-k", "3"]));
     let printed = String::from_utf8(out.stdout).unwrap();

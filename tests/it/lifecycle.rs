@@ -301,7 +301,14 @@ fn an_upsert_replaces_the_document_so_dropped_fields_leave_tag_filters() {
     fields.sort();
     assert_eq!(
         fields,
-        ["__ew_entry", "__ew_version", "content", "embedding"]
+        [
+            "__ew_digest",
+            "__ew_entry",
+            "__ew_model",
+            "__ew_version",
+            "content",
+            "embedding"
+        ]
     );
 }
 
@@ -483,8 +490,8 @@ fn an_entry_with_thousands_of_fields_is_stored_whole_and_replaced_whole() {
     let h = hash(&mut conn, &key);
     assert_eq!(
         h.len(),
-        5000 + 4,
-        "content, embedding, 2 bookkeeping fields and 5,000 more"
+        5000 + 6,
+        "content, embedding, 4 bookkeeping fields and 5,000 more"
     );
     assert_eq!(field(&h, "f4999").as_deref(), Some("v4999"));
     assert!(dead_reasons(&mut conn, &names).is_empty());
