@@ -93,17 +93,23 @@ test: test-tools model model-int8 $(NODE_MODULES) ## every test: Rust unit + int
 	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/bench.py --smoke --models model.onnx
 	# ... and its plots, into a scratch folder (the committed bench/out/*.png stay as make bench left them).
 	$(VENV)/bin/python bench/plots.py --smoke --out bench/out/smoke
+	# Skipping unchanged documents, in miniature (its 4x target is `make bench`'s).
+	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/unchanged.py --smoke --out bench/out/smoke/unchanged.json
 	$(ENV) $(VENV)/bin/python -m pytest -q tests/deploy
 
 bench: model model-int8 build ## throughput, latency and memory against the embedded Redis; the versioned write's cost; plots
 	$(ENV) $(VENV)/bin/python bench/bench.py
 	$(ENV) $(VENV)/bin/python bench/write_cost.py
+	$(ENV) $(VENV)/bin/python bench/unchanged.py
+	$(ENV) $(VENV)/bin/python bench/reindex.py
 	$(ENV) $(VENV)/bin/python bench/bench.py --soak $(BENCH_SOAK)
 	$(VENV)/bin/python bench/plots.py
 
 bench-smoke: model build ## the benchmark in miniature (seconds), to keep it working in CI
 	$(ENV) $(VENV)/bin/python bench/bench.py --smoke
 	$(VENV)/bin/python bench/plots.py --smoke --out bench/out/smoke
+	# Skipping unchanged documents, in miniature (its 4x target is `make bench`'s).
+	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/unchanged.py --smoke --out bench/out/smoke/unchanged.json
 
 fmt:
 	cargo fmt
@@ -116,10 +122,16 @@ clean:
 	cargo clean
 	rm -rf $(VENV) $(MODEL_DIR) tests/clients/node/node_modules
 
-.PHONY: bench-chunks bench-memory
+.PHONY: bench-chunks bench-memory bench-unchanged bench-reindex
 
 bench-chunks: model build ## retrieval quality of long documents per chunk size and overlap (bench/out/chunk_quality.json)
 	$(ENV) $(VENV)/bin/python bench/chunk_quality.py
+
+bench-unchanged: model build ## an unchanged re-feed against the first pass, side by side (bench/out/unchanged.json)
+	$(ENV) $(VENV)/bin/python bench/unchanged.py
+
+bench-reindex: model model-int8 build ## reindex fp32 -> int8: docs/s and Redis memory per document (bench/out/reindex.json)
+	$(ENV) $(VENV)/bin/python bench/reindex.py
 
 bench-memory: model build ## peak RSS on 900 KB entries, chunked and not, and long-document tokens/s (bench/out/memory.json)
 	$(ENV) $(VENV)/bin/python bench/memory.py
