@@ -1,10 +1,12 @@
 """deploy/redis-acl.conf: it loads in a real redis-server with the search module, grants the
 embed-worker user every command the worker sends (on the keys it uses), and refuses the rest;
-the producer and keda users likewise get only what they need.
+the embed-reindex user (`embed-worker reindex`), the producer and keda users likewise get only
+what they need.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import struct
 
 import pytest
@@ -16,6 +18,7 @@ from deploy_support import ACL_FILE, ROOT, commands_of, parse_acl, patterns_of
 LIBRARY = (ROOT / "src" / "store" / "documents.lua").read_text()
 
 ACL = parse_acl(ACL_FILE.read_text())
+USERS = {"embed-worker", "embed-reindex", "producer", "keda"}
 
 # Exactly what the worker may run. Widening the ACL means changing this list on purpose.
 WORKER_COMMANDS = {
@@ -26,23 +29,79 @@ WORKER_COMMANDS = {
     "xreadgroup", "xack", "xadd", "xautoclaim", "xclaim", "xpending",
     "xgroup|create", "xgroup|delconsumer",
     "xinfo|groups", "xinfo|consumers", "xinfo|stream", "xlen",
-    # document writes: the embed_worker function library (src/store/documents.lua), loaded at
-    # start-up and called by name (a plain pipeline of FCALLs: no MULTI/EXEC, no EVAL)
+    # document writes and the model record: the embed_worker function library
+    # (src/store/documents.lua), loaded at start-up and called by name (a plain pipeline of
+    # FCALLs: no MULTI/EXEC, no EVAL)
     "fcall", "function|load",
-    # the index: create if missing, check, query
+    # the index (the one the model record names): create if missing, check, query
     "ft.create", "ft.alter", "ft.info", "ft.search",
 }
+# The worker's keys: streams, tombstones and the model record (embed:*), documents, and the
+# index: `vector_idx` itself, or after a reindex `vector_idx@<fingerprint>` (and the alias).
+WORKER_PATTERNS = ["embed:*", "doc:*", "vector_idx", "vector_idx@*"]
+# What the functions run inside FCALL (ew_upsert, ew_touch, ew_delete, ew_adopt), each only on its
+# own keys: documents, tombstones, and the model record. The worker also reads the record with a
+# plain HGETALL at start-up.
+WORKER_SELECTORS = [
+    ({"hmget", "hgetall", "hkeys", "exists", "hset", "del"}, ["doc:*"]),
+    ({"get", "set", "del"}, ["embed:tomb:*"]),
+    ({"hmget", "hgetall", "exists", "hset"}, ["embed:index:*"]),
+]
+# Exactly what `embed-worker reindex` (src/commands/reindex.rs) may run: an operator's command,
+# never the worker's.
+REINDEX_COMMANDS = {
+    "ping", "hello", "client|setname", "client|setinfo",
+    # every stored document, once (SCAN MATCH doc:* TYPE hash)
+    "scan",
+    # the library (loaded if missing or older), ew_reembed and ew_retire
+    "fcall", "function|load",
+    # the next model's index: create, wait for it to fill, find what still lacks its vector
+    "ft.create", "ft.info", "ft.search",
+    # the switch, in one MULTI: the first index goes, its name becomes the new one's alias;
+    # --drop-old drops the previous model's index
+    "multi", "exec", "ft.dropindex", "ft.aliasupdate",
+}
+REINDEX_PATTERNS = ["doc:*", "embed:index:*", "vector_idx", "vector_idx@*"]
+# Documents: read their text and version (HMGET), and inside ew_reembed / ew_retire add or remove
+# a model's vector. The record: read, name the next model, hold writers off, switch, forget the old.
+REINDEX_SELECTORS = [
+    ({"hmget", "hget", "hset", "hdel"}, ["doc:*"]),
+    ({"hgetall", "hmget", "hget", "hset", "hdel"}, ["embed:index:*"]),
+]
 PRODUCER_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo", "xadd"}
-# What the functions run inside FCALL, each only on its own keys: documents, and tombstones.
-WORKER_SELECTORS = [({"hmget", "hkeys", "hset", "del"}, ["doc:*"]), ({"get", "set", "del"}, ["embed:tomb:*"])]
 KEDA_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo", "xinfo|groups", "xpending", "xlen"}
 
 STREAM, GROUP, DEAD, INDEX, PREFIX = "embed:docs", "embedders", "embed:docs:dead", "vector_idx", "doc:"
+RECORD = f"embed:index:{{{INDEX}}}"
 DIM = 4
+# Two model fingerprints (16 hex digits, as src/model names them).
+FP1, FP2 = "0123456789abcdef", "fedcba9876543210"
 
 
 def vec(*xs: float) -> bytes:
     return struct.pack(f"<{len(xs)}f", *xs)
+
+
+def tomb(key: str) -> str:
+    return f"embed:tomb:{{{key}}}"
+
+
+def doc_keys(key: str, chunks: int = 1) -> list[str]:
+    """KEYS of ew_upsert / ew_touch / ew_delete: the document, its tombstone, the model record,
+    then its chunk keys (at least #0)."""
+    return [key, tomb(key), RECORD, *(f"{key}#{n}" for n in range(chunks))]
+
+
+def create_index(client: redis.Redis, name: str = INDEX, field: str = "embedding", model_tag: bool = False):
+    """As src/store/index.rs creates it (a reindex's index: its own vector field AS embedding, and
+    __ew_model as a TAG)."""
+    schema = ["content", "TEXT", "genre", "TAG", "parent", "TAG"]
+    if model_tag:
+        schema += ["__ew_model", "TAG", "SEPARATOR", " "]
+    schema += [field] + (["AS", "embedding"] if field != "embedding" else [])
+    schema += ["VECTOR", "HNSW", "10", "TYPE", "FLOAT32", "DIM", str(DIM), "DISTANCE_METRIC", "L2",
+               "M", "16", "EF_CONSTRUCTION", "200"]
+    return client.execute_command("FT.CREATE", name, "ON", "HASH", "PREFIX", "1", PREFIX, "SCHEMA", *schema)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,9 +116,13 @@ def test_acl_file_has_only_user_lines():
 
 
 def test_acl_users_and_their_grants():
-    assert set(ACL) == {"embed-worker", "producer", "keda"}
+    assert set(ACL) == USERS
     assert ACL["embed-worker"].commands == WORKER_COMMANDS
+    assert ACL["embed-worker"].key_patterns == WORKER_PATTERNS
     assert [(commands_of(s), patterns_of(s)) for s in ACL["embed-worker"].selectors] == WORKER_SELECTORS
+    assert ACL["embed-reindex"].commands == REINDEX_COMMANDS
+    assert ACL["embed-reindex"].key_patterns == REINDEX_PATTERNS
+    assert [(commands_of(s), patterns_of(s)) for s in ACL["embed-reindex"].selectors] == REINDEX_SELECTORS
     assert ACL["producer"].commands == PRODUCER_COMMANDS
     assert ACL["keda"].commands == KEDA_COMMANDS
 
@@ -78,6 +141,14 @@ def test_acl_users_are_least_privilege(user):
         f"{user}: the only password in the file is the placeholder; the real one comes from the Secret"
 
 
+@pytest.mark.parametrize("user", ["embed-worker", "embed-reindex"])
+def test_index_patterns_cover_the_index_and_its_reindexed_successors_only(user):
+    patterns = ACL[user].key_patterns
+    covered = lambda key: any(fnmatch.fnmatchcase(key, p) for p in patterns)
+    assert covered(INDEX) and covered(f"{INDEX}@{FP2}")
+    assert not covered("vector_idx_other") and not covered("other_idx")
+
+
 def test_keda_user_is_read_only():
     patterns = [r for r in ACL["keda"].rules if "~" in r]
     assert patterns and all(r.startswith("%R~") for r in patterns), patterns
@@ -93,7 +164,7 @@ def login(server, user: str) -> redis.Redis:
 
 def test_file_loads_and_reloads(redis_server):
     admin = redis_server.client()
-    assert {"embed-worker", "producer", "keda"} <= set(admin.acl_users())
+    assert USERS <= set(admin.acl_users())
     # ACL LOAD re-parses the file: an error would come back here instead of at the next restart.
     assert admin.execute_command("ACL", "LOAD")
     for user in ACL:
@@ -111,16 +182,25 @@ def test_worker_can_run_the_whole_pipeline(redis_server):
     assert worker.ping()
     assert worker.client_setname(consumer)
     assert worker.execute_command("CLIENT", "SETINFO", "LIB-NAME", "redis-rs")
-    worker.xgroup_create(STREAM, GROUP, id="$", mkstream=True)
+    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker"
+    # Start-up: the model record (none yet), the index it would name, then ew_adopt records this
+    # worker's model as the index's and answers the record.
+    assert worker.hgetall(RECORD) == {}
     with pytest.raises(ResponseError, match="Unknown index name|no such index"):
         worker.execute_command("FT.INFO", INDEX)
-    assert worker.execute_command(
-        "FT.CREATE", INDEX, "ON", "HASH", "PREFIX", "1", PREFIX, "SCHEMA",
-        "content", "TEXT", "genre", "TAG",
-        "embedding", "VECTOR", "HNSW", "10", "TYPE", "FLOAT32", "DIM", str(DIM),
-        "DISTANCE_METRIC", "L2", "M", "16", "EF_CONSTRUCTION", "200",
-    )
+    adopted = worker.fcall("ew_adopt", 1, RECORD, FP1, "all-MiniLM-L6-v2", INDEX, "embedding")
+    record = dict(zip(adopted[::2], adopted[1::2]))
+    assert record == {"fingerprint": FP1, "model": "all-MiniLM-L6-v2", "index": INDEX,
+                      "vector_field": "embedding", "writers": FP1}
+    assert worker.hgetall(RECORD) == record
+    # A second worker of another model gets the same record back, unchanged.
+    assert worker.fcall("ew_adopt", 1, RECORD, FP2, "other", INDEX, "embedding") == adopted
+    worker.xgroup_create(STREAM, GROUP, id="$", mkstream=True)
+    assert create_index(worker)
     assert worker.execute_command("FT.INFO", INDEX)
+    # PARTIAL_INDEXED_DOCS is only read if the user may; the worker is not granted FT.CONFIG.
+    with pytest.raises(NoPermissionError):
+        worker.execute_command("FT.CONFIG", "GET", "PARTIAL_INDEXED_DOCS")
 
     ids = [producer.xadd(STREAM, {"id": str(i), "content": f"doc {i}", "genre": "g"}) for i in range(3)]
     # What KEDA's lag trigger reads (Redis 7+): three entries not yet delivered to the group.
@@ -131,29 +211,51 @@ def test_worker_can_run_the_whole_pipeline(redis_server):
     read = worker.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=256, block=100)
     entries = read[STREAM][0]  # RESP3: {stream: [entries]}
     assert [e[0] for e in entries] == ids
+
     assert keda.xpending(STREAM, GROUP)["pending"] == 3  # what the pending trigger reads
 
-    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker"
     with worker.pipeline(transaction=False) as pipe:  # as the worker writes: no MULTI
         for i, entry in enumerate(ids):
             key = f"{PREFIX}{i}"
-            # KEYS: the document, its tombstone, its chunk 0; ARGV: version, entry, 1 chunk,
-            # 0 shared fields, then the chunk's 3 field pairs (src/store/documents.lua).
-            pipe.fcall("ew_upsert", 3, key, f"embed:tomb:{{{key}}}", f"{key}#0", "0", entry, "1", "0", "3",
+            # KEYS: the document, its tombstone, the model record, its chunk 0; ARGV: version,
+            # entry, the writer's fingerprint, the text's digest, 1 chunk, 0 shared fields, then
+            # the chunk's 3 field pairs (src/store/documents.lua).
+            pipe.fcall("ew_upsert", 4, *doc_keys(key), "0", entry, FP1, f"digest{i}", "1", "0", "3",
                        "content", f"doc {i}", "genre", "g", "embedding", vec(i, 0, 0, 0))
         assert pipe.execute() == ["written"] * 3
+    # A writer of another model is refused: the index holds FP1's vectors.
+    assert worker.fcall("ew_upsert", 4, *doc_keys(f"{PREFIX}0"), "0", ids[2], FP2, "d", "1", "0", "1",
+                        "content", "x") == f"model {FP1}"
+    # An unchanged re-feed: ew_touch (HGETALL, EXISTS, HMGET of the record) advances the version
+    # without the model. ARGV: version, entry, fingerprint, digest, the text field, the parent
+    # field and value, then the entry's field pairs.
+    assert worker.fcall("ew_touch", 4, *doc_keys(f"{PREFIX}0"), "1", ids[0], FP1, "digest0", "content",
+                        "parent", "0", "2", "content", "doc 0", "genre", "g") == "unchanged"
+    assert worker.fcall("ew_touch", 4, *doc_keys(f"{PREFIX}1"), "1", ids[1], FP1, "other digest",
+                        "content", "parent", "1", "1", "content", "new text") == "changed"
+    assert worker.fcall("ew_touch", 4, *doc_keys(f"{PREFIX}8"), "1", ids[1], FP1, "d", "content",
+                        "parent", "8", "1", "content", "never written") == "changed"
     # A document of two chunks: doc:7#0 and doc:7#1, each with the shared parent field.
     long_key = f"{PREFIX}7"
-    chunk_keys = [f"{long_key}#0", f"{long_key}#1"]
     chunk = lambda n: ["5", "content", f"part {n}", "chunk", str(n), "chunk_start", "0", "chunk_end", "4",
                        "embedding", vec(n, 1, 0, 0)]
-    assert worker.fcall("ew_upsert", 4, long_key, f"embed:tomb:{{{long_key}}}", *chunk_keys, "0", ids[1],
+    assert worker.fcall("ew_upsert", 5, *doc_keys(long_key, 2), "0", ids[1], FP1, "digest7",
                         "2", "1", "parent", "7", *chunk(0), *chunk(1)) == "written"
+    # Touching it declaring only chunk 0 asks for the keys of both; with both, each chunk keeps its
+    # text, number, span and vector, and takes the entry's other fields (a changed genre).
+    assert worker.fcall("ew_touch", 4, *doc_keys(long_key), "1", ids[1], FP1, "digest7", "content",
+                        "parent", "7", "2", "content", "part 0 part 1", "genre", "h") == "keys 2"
+    assert worker.fcall("ew_touch", 5, *doc_keys(long_key, 2), "1", ids[1], FP1, "digest7", "content",
+                        "parent", "7", "2", "content", "part 0 part 1", "genre", "h") == "unchanged"
+    assert admin.hmget(f"{long_key}#1", "content", "genre", "chunk", "__ew_version") == ["part 1", "h", "1", "1"]
     # Deleting it declaring only chunk 0 changes nothing and asks for the keys of both.
-    assert worker.fcall("ew_delete", 3, long_key, f"embed:tomb:{{{long_key}}}", chunk_keys[0], "0", ids[2], "60000") == "keys 2"
-    assert worker.fcall("ew_delete", 4, long_key, f"embed:tomb:{{{long_key}}}", *chunk_keys, "0", ids[2], "60000") == "deleted"
-    # A delete: the document goes, a tombstone stays; then the upsert is recreated.
-    assert worker.fcall("ew_delete", 3, f"{PREFIX}9", f"embed:tomb:{{{PREFIX}9}}", f"{PREFIX}9#0", "0", ids[2], "60000") == "absent"
+    # ARGV: version, entry, tombstone TTL, the writer's fingerprint.
+    assert worker.fcall("ew_delete", 4, *doc_keys(long_key), "1", ids[2], "60000", FP1) == "keys 2"
+    assert worker.fcall("ew_delete", 5, *doc_keys(long_key, 2), "1", ids[2], "60000", FP2) == f"model {FP1}"
+    assert worker.fcall("ew_delete", 5, *doc_keys(long_key, 2), "1", ids[2], "60000", FP1) == "deleted"
+    # A delete of a document never written: nothing goes, a tombstone stays.
+    assert worker.fcall("ew_delete", 4, *doc_keys(f"{PREFIX}9"), "0", ids[2], "60000", FP1) == "absent"
+    assert admin.get(tomb(f"{PREFIX}9")) == f"0 {ids[2]}"
     assert worker.xack(STREAM, GROUP, ids[0], ids[1]) == 2
 
     # Reclaim and dead-letter the third entry.
@@ -179,20 +281,42 @@ def test_worker_can_run_the_whole_pipeline(redis_server):
     assert worker.xgroup_delconsumer(STREAM, GROUP, consumer) == 0
 
 
+def test_worker_uses_the_index_a_reindex_made(redis_server):
+    # After a reindex the record names `vector_idx@<fingerprint>`: the worker checks it with
+    # FT.INFO (and would create or alter it), and queries it under its alias `vector_idx`.
+    admin = redis_server.client()
+    admin.flushall()
+    worker = login(redis_server, "embed-worker")
+    moved = f"{INDEX}@{FP2}"
+    assert create_index(worker, moved, f"embedding@{FP2}", model_tag=True)
+    assert worker.execute_command("FT.INFO", moved)
+    assert worker.execute_command("FT.ALTER", moved, "SCHEMA", "ADD", "extra", "TAG")
+    admin.execute_command("FT.ALIASADD", INDEX, moved)
+    assert worker.execute_command("FT.INFO", INDEX)
+    assert worker.execute_command("FT.SEARCH", INDEX, "*", "NOCONTENT")["total_results"] == 0
+
+
 FORBIDDEN_FOR_WORKER = [
     ("FLUSHALL",),
     ("MULTI",),
-    ("EXISTS", "doc:1"),
     ("XCLAIM", "other:stream", "embedders", "c", "0", "0-1", "JUSTID"),
     ("KEYS", "*"),
     ("SCAN", "0"),
+    ("SCAN", "0", "MATCH", "doc:*", "TYPE", "hash"),
     ("CONFIG", "SET", "maxmemory", "1"),
     ("CONFIG", "GET", "requirepass"),
     ("INFO",),
     ("MODULE", "LIST"),
     ("ACL", "LIST"),
     ("HSET", "other:1", "f", "v"),
-    ("HGETALL", "doc:1"),
+    ("HGETALL", "other:1"),
+    ("HGETALL", "embed:docs"),
+    ("HGET", "doc:1", "content"),
+    ("HDEL", "doc:1", "embedding"),
+    ("HGET", RECORD, "fingerprint"),
+    ("HDEL", RECORD, "writers"),
+    ("DEL", RECORD),
+    ("EXISTS", "other:1"),
     ("DEL", "other:1"),
     ("DEL", "embed:docs"),
     ("SET", "embed:docs", "x"),
@@ -206,8 +330,15 @@ FORBIDDEN_FOR_WORKER = [
     ("XTRIM", "embed:docs", "MAXLEN", "0"),
     ("XGROUP", "DESTROY", "embed:docs", "embedders"),
     ("FT.DROPINDEX", "vector_idx"),
+    ("FT.DROPINDEX", f"vector_idx@{FP2}"),
+    ("FT.ALIASUPDATE", "vector_idx", f"vector_idx@{FP2}"),
+    ("FT.ALIASADD", "vector_idx", f"vector_idx@{FP2}"),
+    ("FT.ALIASDEL", "vector_idx"),
+    ("FT.CONFIG", "GET", "PARTIAL_INDEXED_DOCS"),
+    ("FT.CONFIG", "SET", "PARTIAL_INDEXED_DOCS", "1"),
     ("FT._LIST",),
     ("FT.CREATE", "other_idx", "ON", "HASH", "PREFIX", "1", "doc:", "SCHEMA", "content", "TEXT"),
+    ("FT.CREATE", "vector_idx_other", "ON", "HASH", "PREFIX", "1", "doc:", "SCHEMA", "content", "TEXT"),
     ("FT.SEARCH", "other_idx", "*"),
     ("EVAL", "return 1", "0"),
 ]
@@ -217,6 +348,140 @@ FORBIDDEN_FOR_WORKER = [
 def test_worker_is_refused_everything_else(redis_server, command):
     with pytest.raises(NoPermissionError):
         login(redis_server, "embed-worker").execute_command(*command)
+
+
+def test_reindex_user_can_run_a_whole_reindex(redis_server):
+    # What `embed-worker reindex --model-file FILE --drop-old` sends (src/commands/reindex.rs),
+    # against documents a worker wrote: one of one chunk, one of two.
+    admin = redis_server.client()
+    admin.flushall()
+    worker = login(redis_server, "embed-worker")
+    reindex = login(redis_server, "embed-reindex")
+    assert reindex.ping()
+    assert reindex.client_setname("embed-worker-reindex")
+    assert reindex.execute_command("CLIENT", "SETINFO", "LIB-NAME", "redis-rs")
+
+    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker"
+    worker.fcall("ew_adopt", 1, RECORD, FP1, "model-a", INDEX, "embedding")
+    assert create_index(worker)
+    assert worker.fcall("ew_upsert", 4, *doc_keys(f"{PREFIX}1"), "0", "1-0", FP1, "d1", "1", "0", "2",
+                        "content", "one", "embedding", vec(1, 0, 0, 0)) == "written"
+    chunk = lambda n: ["3", "content", f"part {n}", "chunk", str(n), "embedding", vec(n, 1, 0, 0)]
+    assert worker.fcall("ew_upsert", 5, *doc_keys(f"{PREFIX}2", 2), "0", "2-0", FP1, "d2", "2", "1",
+                        "parent", "2", *chunk(0), *chunk(1)) == "written"
+
+    # The library: its version, and a (re)load when it is missing or older.
+    assert reindex.fcall("ew_library_version", 0) == "4"
+    assert reindex.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker"
+    # Begin: the record, the current index's size, the next model's index, the record names it.
+    assert reindex.hgetall(RECORD)["fingerprint"] == FP1
+    assert reindex.execute_command("FT.INFO", INDEX)
+    nxt, field = f"{INDEX}@{FP2}", f"embedding@{FP2}"
+    with pytest.raises(ResponseError, match="Unknown index name|no such index"):
+        reindex.execute_command("FT.INFO", nxt)
+    assert create_index(reindex, nxt, field, model_tag=True)
+    assert reindex.hset(RECORD, mapping={"next_fingerprint": FP2, "next_model": "model-b", "next_index": nxt,
+                                         "next_vector_field": field, "state": "migrating"}) == 5
+    # Pass: every stored hash, its text and version read, the next vector added by ew_reembed.
+    cursor, found = 0, []
+    while True:
+        cursor, keys = reindex.execute_command("SCAN", cursor, "MATCH", f"{PREFIX}*", "COUNT", 500, "TYPE", "hash")
+        found += keys
+        if int(cursor) == 0:
+            break
+    assert sorted(found) == [f"{PREFIX}1", f"{PREFIX}2#0", f"{PREFIX}2#1"]
+    with reindex.pipeline(transaction=False) as pipe:
+        for key in found:
+            pipe.hmget(key, "content", "__ew_version", "__ew_entry", "__ew_model")
+        rows = pipe.execute()
+    with reindex.pipeline(transaction=False) as pipe:
+        for key, (_, version, entry, _) in zip(found, rows):
+            pipe.fcall("ew_reembed", 2, key, RECORD, version, entry, FP2, vec(0, 0, 1, 0))
+        assert pipe.execute() == ["written"] * 3
+    assert reindex.fcall("ew_reembed", 2, f"{PREFIX}1", RECORD, "0", "0-1", FP2, vec(0, 0, 1, 0)) == "changed"
+    # Catch up: the next index finds what still lacks the next model's vector.
+    info = reindex.execute_command("FT.INFO", nxt)
+    assert info
+    query = f"-@__ew_model:{{{FP2}}}"
+    res = reindex.execute_command("FT.SEARCH", nxt, query, "NOCONTENT", "LIMIT", 0, 500, "DIALECT", 2)
+    assert res["total_results"] == 0
+    # Hold: writers refused, then the switch in one MULTI.
+    assert reindex.hset(RECORD, mapping={"writers": "", "state": "switching"}) == 0
+    assert worker.fcall("ew_upsert", 4, *doc_keys(f"{PREFIX}1"), "0", "3-0", FP1, "d", "1", "0", "1",
+                        "content", "late") == f"model {FP1}"
+    with reindex.pipeline(transaction=True) as tx:
+        tx.execute_command("FT.DROPINDEX", INDEX)
+        tx.execute_command("FT.ALIASUPDATE", INDEX, nxt)
+        tx.hset(RECORD, mapping={"fingerprint": FP2, "model": "model-b", "index": nxt, "vector_field": field,
+                                 "writers": FP2, "old_fingerprint": FP1, "old_model": "model-a",
+                                 "old_index": INDEX, "old_vector_field": "embedding"})
+        tx.hdel(RECORD, "next_fingerprint", "next_model", "next_index", "next_vector_field", "state")
+        tx.execute()
+    # The name now answers for the new index (is_alias), and the new model's workers write.
+    assert reindex.execute_command("FT.INFO", INDEX)["index_name"] == nxt
+    res = worker.execute_command("FT.SEARCH", INDEX, "*=>[KNN 1 @embedding $q AS score]", "PARAMS", "2",
+                                 "q", vec(0, 0, 1, 0), "RETURN", "1", "score", "DIALECT", "2")
+    assert res["total_results"] == 1
+    assert worker.fcall("ew_upsert", 4, *doc_keys(f"{PREFIX}3"), "0", "4-0", FP2, "d3", "1", "0", "2",
+                        "content", "three", field, vec(0, 1, 0, 0)) == "written"
+    # Drop old: the previous model's vector from every hash (ew_retire), then its record fields.
+    with reindex.pipeline(transaction=False) as pipe:
+        for key in found:
+            pipe.fcall("ew_retire", 2, key, RECORD, "embedding", FP1)
+        assert pipe.execute() == ["retired"] * 3
+    assert reindex.fcall("ew_retire", 2, f"{PREFIX}3", RECORD, field, FP2) == "current"
+    assert reindex.hdel(RECORD, "old_fingerprint", "old_model", "old_index", "old_vector_field") == 4
+    assert admin.hmget(f"{PREFIX}1", "embedding", "__ew_model") == [None, FP2]
+    # A later reindex drops the then previous model's own index, outside the MULTI.
+    later = f"{INDEX}@{FP1}"
+    assert create_index(reindex, later, f"embedding@{FP1}", model_tag=True)
+    assert reindex.execute_command("FT.DROPINDEX", later)
+
+
+FORBIDDEN_FOR_REINDEX = [
+    ("FLUSHALL",),
+    ("FLUSHDB",),
+    ("KEYS", "*"),
+    ("INFO",),
+    ("CONFIG", "GET", "requirepass"),
+    ("ACL", "LIST"),
+    ("XREADGROUP", "GROUP", GROUP, "c", "STREAMS", STREAM, ">"),
+    ("XADD", STREAM, "*", "f", "v"),
+    ("XACK", STREAM, GROUP, "0-1"),
+    ("XLEN", STREAM),
+    ("HGETALL", "doc:1"),
+    ("HKEYS", "doc:1"),
+    ("DEL", "doc:1"),
+    ("DEL", RECORD),
+    ("GET", "embed:tomb:{doc:1}"),
+    ("SET", "embed:tomb:{doc:1}", "x"),
+    ("HSET", "other:1", "f", "v"),
+    ("HSET", "embed:docs", "f", "v"),
+    ("EXISTS", "doc:1"),
+    # The worker's own functions: their tombstone key is outside this user's patterns.
+    ("FCALL", "ew_upsert", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", FP2, "d",
+     "1", "0", "1", "content", "x"),
+    ("FCALL", "ew_delete", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", "1000", FP2),
+    ("FCALL_RO", "ew_library_version", "0"),
+    ("FUNCTION", "FLUSH"),
+    ("FUNCTION", "DELETE", "embed_worker"),
+    ("EVAL", "return 1", "0"),
+    ("DISCARD",),
+    ("FT.ALTER", INDEX, "SCHEMA", "ADD", "x", "TAG"),
+    ("FT.CONFIG", "GET", "PARTIAL_INDEXED_DOCS"),
+    ("FT._LIST",),
+    ("FT.ALIASADD", "other_alias", INDEX),
+    ("FT.ALIASDEL", INDEX),
+    ("FT.DROPINDEX", "other_idx"),
+    ("FT.CREATE", "other_idx", "ON", "HASH", "PREFIX", "1", "doc:", "SCHEMA", "content", "TEXT"),
+    ("FT.SEARCH", "other_idx", "*"),
+]
+
+
+@pytest.mark.parametrize("command", FORBIDDEN_FOR_REINDEX, ids=lambda c: " ".join(c[:2]))
+def test_reindex_user_is_refused_everything_else(redis_server, command):
+    with pytest.raises(NoPermissionError):
+        login(redis_server, "embed-reindex").execute_command(*command)
 
 
 def test_producer_can_only_add_documents(redis_server):
