@@ -68,8 +68,9 @@ class Redis:
                 "--dir", self.dir, "--notify-keyspace-events", "Kh"]
         for m in os.environ["EMBED_WORKER_REDIS_MODULES"].split(":"):
             args += ["--loadmodule", m]
-            if m.endswith("/redisearch.so"):
+            if m.endswith("/redisearch.so") and os.environ.get("BENCH_PARTIAL_INDEXED_DOCS", "1") == "1":
                 # As scripts/redis.sh runs it: writes outside the schema do not re-index.
+                # BENCH_PARTIAL_INDEXED_DOCS=0 measures the module's default instead.
                 args += ["PARTIAL_INDEXED_DOCS", "1"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"redis://127.0.0.1:{self.port}"

@@ -43,8 +43,33 @@ pub struct Args {
     #[arg(long)]
     pub drop_old: bool,
     /// Texts per model call.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Only the pass, over part I of N of the documents (by a hash of the key), then exit: run
+    /// N of these at once (e.g. a Job with N completions), then once without --part to catch
+    /// up and switch.
+    #[arg(long, value_name = "I/N", value_parser = parse_part)]
+    pub part: Option<(u64, u64)>,
+}
+
+fn parse_part(s: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("{s:?}: expected I/N with 0 <= I < N, e.g. 0/4");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (u64, u64) = (i.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?);
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// Which part of `n` the key `key` falls in (FNV-1a: stable across processes and versions).
+fn part_of(key: &str, n: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h % n
 }
 
 /// Keys per SCAN step, and per catch-up query.
@@ -70,6 +95,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
             model: &model,
             batch: args.batch.max(1),
             key: generation::record_key(&settings.index.name),
+            part: args.part,
         };
         run.execute(&mut conn, args.drop_old)
             .await
@@ -86,6 +112,8 @@ struct Reindex<'a> {
     batch: usize,
     /// The model record's key.
     key: String,
+    /// Only this part's pass (`--part`).
+    part: Option<(u64, u64)>,
 }
 
 /// Counts of one pass or catch-up round.
@@ -157,6 +185,21 @@ impl Reindex<'_> {
             .await?
             .context("the model record vanished during the reindex")?;
         let started = Instant::now();
+        if let Some((i, n)) = self.part {
+            if !matches!(record.next, Some((_, Phase::Migrating))) {
+                println!("the reindex is past its pass: nothing for part {i}/{n} to do");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let pass = self.pass(conn, &next, &record.current).await?;
+            println!(
+                "part {i}/{n} done in {:.1}s: {} embedded, {} had the new vector. Run reindex without \
+                 --part once every part is done, to catch up and switch",
+                started.elapsed().as_secs_f64(),
+                pass.embedded,
+                pass.had
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         if matches!(record.next, Some((_, Phase::Migrating))) {
             let pass = self.pass(conn, &next, &record.current).await?;
             eprintln!(
@@ -286,6 +329,7 @@ impl Reindex<'_> {
         let pattern = format!("{}*", glob_escape(&self.settings.index.prefix));
         let mut tally = Tally::default();
         let mut cursor: u64 = 0;
+        let mut inflight = None;
         let started = Instant::now();
         let mut said = Instant::now();
         loop {
@@ -299,7 +343,12 @@ impl Reindex<'_> {
                 .arg("hash")
                 .query_async(conn)
                 .await?;
-            self.embed_keys(conn, next, &keys, &mut tally).await?;
+            let keys: Vec<String> = match self.part {
+                Some((i, n)) => keys.into_iter().filter(|k| part_of(k, n) == i).collect(),
+                None => keys,
+            };
+            self.embed_keys(conn, next, &keys, &mut tally, &mut inflight)
+                .await?;
             if said.elapsed() >= PROGRESS_EVERY {
                 said = Instant::now();
                 let rate = tally.embedded as f64 / started.elapsed().as_secs_f64();
@@ -310,6 +359,7 @@ impl Reindex<'_> {
             }
             cursor = next_cursor;
             if cursor == 0 {
+                settle(&mut inflight, &mut tally, next).await?;
                 return Ok(tally);
             }
         }
@@ -325,6 +375,7 @@ impl Reindex<'_> {
         let mut tally = Tally::default();
         let query = format!("-@{MODEL_FIELD}:{{{}}}", next.fingerprint);
         let mut budget: Option<u64> = None;
+        let mut inflight = None;
         loop {
             // Hashes left as they are (foreign) stay in the answer: page past them.
             let (total, keys) = lacking(conn, &next.index, &query, tally.foreign.len()).await?;
@@ -332,7 +383,10 @@ impl Reindex<'_> {
             if keys.is_empty() || tally.seen >= budget {
                 break;
             }
-            self.embed_keys(conn, next, &keys, &mut tally).await?;
+            self.embed_keys(conn, next, &keys, &mut tally, &mut inflight)
+                .await?;
+            // The next query must see these written.
+            settle(&mut inflight, &mut tally, next).await?;
         }
         if tally.embedded + tally.changed > 0 {
             eprintln!(
@@ -343,13 +397,15 @@ impl Reindex<'_> {
         Ok(tally)
     }
 
-    /// Reads `keys`, embeds those lacking the next vector with the next model, and writes them.
+    /// Reads `keys`, embeds those lacking the next vector with the next model, and writes them;
+    /// the last batch's write may still be in flight (`settle` it).
     async fn embed_keys(
         &self,
         conn: &mut MultiplexedConnection,
         next: &Generation,
         keys: &[String],
         tally: &mut Tally,
+        inflight: &mut Option<Written>,
     ) -> anyhow::Result<()> {
         if keys.is_empty() {
             return Ok(());
@@ -386,34 +442,25 @@ impl Reindex<'_> {
             let t = String::from_utf8_lossy(&bytes(&t)).into_owned();
             todo.push((key, text(&version), text(&entry), t));
         }
+        // Sorted by length, so a batch pads little; each batch's writes go out while the next
+        // batch is embedded.
+        todo.sort_by_key(|(_, _, _, t)| t.len());
         for part in todo.chunks(self.batch) {
             let texts: Vec<&str> = part.iter().map(|(_, _, _, t)| t.as_str()).collect();
             let encoded = self.model.tokenizer.encode(&texts)?;
             let vectors = self.model.handle.embed(encoded).await?;
-            let mut pipe = ::redis::pipe();
-            for ((key, version, entry, _), vector) in part.iter().zip(&vectors) {
-                pipe.cmd("FCALL")
-                    .arg("ew_reembed")
-                    .arg(2)
-                    .arg(*key)
-                    .arg(&self.key)
-                    .arg(version)
-                    .arg(entry)
-                    .arg(&next.fingerprint)
-                    .arg(vector_bytes(vector));
-            }
-            let answers: Vec<String> = pipe.query_async(conn).await?;
-            for answer in answers {
-                match answer.as_str() {
-                    "written" => tally.embedded += 1,
-                    "changed" => tally.changed += 1,
-                    other => bail!(
-                        "the model record no longer names {} as the next model ({other}): another \
-                         reindex or an `index drop` changed it; run reindex again",
-                        next.fingerprint
-                    ),
-                }
-            }
+            settle(inflight, tally, next).await?;
+            let rows = part
+                .iter()
+                .map(|(k, v, e, _)| (k.to_string(), v.clone(), e.clone()))
+                .collect();
+            *inflight = Some(tokio::spawn(write_vectors(
+                conn.clone(),
+                self.key.clone(),
+                next.fingerprint.clone(),
+                rows,
+                vectors,
+            )));
         }
         Ok(())
     }
@@ -592,6 +639,55 @@ async fn wait_indexed(conn: &mut MultiplexedConnection, index: &str) -> Result<(
     }
 }
 
+/// A batch's `ew_reembed` calls, in flight while the next batch is embedded: their answers.
+type Written = tokio::task::JoinHandle<Result<Vec<String>, RedisError>>;
+
+/// Writes `vectors` to the hashes `rows` (key, version, entry ID read with the text).
+async fn write_vectors(
+    mut conn: MultiplexedConnection,
+    record: String,
+    fingerprint: String,
+    rows: Vec<(String, String, String)>,
+    vectors: Vec<Vec<f32>>,
+) -> Result<Vec<String>, RedisError> {
+    let mut pipe = ::redis::pipe();
+    for ((key, version, entry), vector) in rows.iter().zip(&vectors) {
+        pipe.cmd("FCALL")
+            .arg("ew_reembed")
+            .arg(2)
+            .arg(key)
+            .arg(&record)
+            .arg(version)
+            .arg(entry)
+            .arg(&fingerprint)
+            .arg(vector_bytes(vector));
+    }
+    pipe.query_async(&mut conn).await
+}
+
+/// Waits for the write in flight, if any, and counts its answers.
+async fn settle(
+    inflight: &mut Option<Written>,
+    tally: &mut Tally,
+    next: &Generation,
+) -> anyhow::Result<()> {
+    let Some(write) = inflight.take() else {
+        return Ok(());
+    };
+    for answer in write.await?? {
+        match answer.as_str() {
+            "written" => tally.embedded += 1,
+            "changed" => tally.changed += 1,
+            other => bail!(
+                "the model record no longer names {} as the next model ({other}): another \
+                 reindex or an `index drop` changed it; run reindex again",
+                next.fingerprint
+            ),
+        }
+    }
+    Ok(())
+}
+
 /// How many hashes the next index finds without the next vector, and up to SCAN_COUNT of their
 /// keys from `offset`.
 async fn lacking(
@@ -637,6 +733,24 @@ fn glob_escape(prefix: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_split_the_keys_and_parse_strictly() {
+        assert_eq!(parse_part("0/4"), Ok((0, 4)));
+        assert_eq!(parse_part("3/4"), Ok((3, 4)));
+        for bad in ["4/4", "1/0", "x/2", "1", "-1/2"] {
+            assert!(parse_part(bad).is_err(), "{bad}");
+        }
+        let mut counts = [0u32; 4];
+        for i in 0..4000 {
+            counts[part_of(&format!("doc:{i}"), 4) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
+        assert_eq!(part_of("doc:7", 4), part_of("doc:7", 4));
+    }
 
     #[test]
     fn the_prefix_is_matched_literally() {

@@ -1,6 +1,7 @@
 //! The data path, one file per stage, each owning its loop:
 //! [`consume`] (XREADGROUP / XAUTOCLAIM, sized by [`read_ahead`]; each entry an [`op::Op`] by
-//! [`entry`], newest per document, rejections named by [`reason`]) -> [`tokenize`] (long texts
+//! [`entry`], newest per document, rejections named by [`reason`]) -> [`unchanged`] (texts the
+//! store already has skip the model) -> [`tokenize`] (long texts
 //! cut by [`chunk`]) -> [`embed`] (batches cut by [`batch`], the model) -> [`write`] (versioned upserts and deletes, dead letters, then XACK) — wired together
 //! in [`worker`], sharing [`shared`]. Beside them, [`lease`] renews the entries in hand so no
 //! other worker reclaims a live worker's work.

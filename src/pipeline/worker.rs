@@ -1,9 +1,9 @@
-//! The worker: wiring only. Four stages joined by small bounded channels, so reading,
-//! tokenising, inference and writing overlap and a slow model slows the reads instead of
-//! growing memory.
+//! The worker: wiring only. Five stages joined by small bounded channels, so reading, skipping
+//! unchanged texts, tokenising, inference and writing overlap, and a slow model slows the reads
+//! instead of growing memory.
 //!
 //! ```text
-//! consume --upserts(1)--> tokenize --reads(1)--> embed --writes(2)--> write
+//! consume --upserts(1)--> unchanged --(1)--> tokenize --reads(1)--> embed --writes(2)--> write
 //!    \______________ deletes, dead letters, acks (2) _______________/
 //!       (lease renewer: keeps what consume took and write has not acked yet)
 //! ```

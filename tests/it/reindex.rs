@@ -208,6 +208,23 @@ fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
     first.kill().unwrap();
     let _ = first.wait();
     assert!(begun.is_some(), "the reindex began");
+    // Its pass can be shared out (--part I/N), then one run without --part catches up and
+    // switches.
+    for part in ["0/2", "1/2"] {
+        let out = run_ok(worker_cmd(&server, &names).args([
+            "reindex",
+            "--model-file",
+            "model_int8.onnx",
+            "--part",
+            part,
+        ]));
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.contains(&format!("part {part} done")), "{said}");
+    }
+    assert!(
+        record(&mut conn).contains_key("next_fingerprint"),
+        "parts do not switch"
+    );
     // The int8 worker, started while the move is under way, waits for the switch (or starts
     // at once if the switch came first).
     fleet
