@@ -575,7 +575,7 @@ impl Reindex<'_> {
                 let mut pipe = ::redis::pipe();
                 for key in &keys {
                     pipe.cmd("FCALL")
-                        .arg("ew_retire")
+                        .arg(documents::FN_RETIRE)
                         .arg(2)
                         .arg(key)
                         .arg(&self.key)
@@ -653,7 +653,7 @@ async fn write_vectors(
     let mut pipe = ::redis::pipe();
     for ((key, version, entry), vector) in rows.iter().zip(&vectors) {
         pipe.cmd("FCALL")
-            .arg("ew_reembed")
+            .arg(documents::FN_REEMBED)
             .arg(2)
             .arg(key)
             .arg(&record)

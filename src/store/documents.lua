@@ -1,4 +1,4 @@
-#!lua name=embed_worker
+#!lua name=embed_worker_v4
 -- embed-worker's document writes: newest version wins, checked and applied atomically on the
 -- server, so no read-then-write race between workers remains, and no reader ever sees the
 -- chunks of two versions of one document mixed. Loaded once (FUNCTION LOAD) and called by name
@@ -358,14 +358,14 @@ local function retire(keys, args)
   return 'none'
 end
 
-redis.register_function('ew_upsert', upsert)
-redis.register_function('ew_touch', touch)
-redis.register_function('ew_delete', delete)
-redis.register_function('ew_adopt', adopt)
-redis.register_function('ew_reembed', reembed)
-redis.register_function('ew_retire', retire)
+redis.register_function('ew_upsert_v4', upsert)
+redis.register_function('ew_touch_v4', touch)
+redis.register_function('ew_delete_v4', delete)
+redis.register_function('ew_adopt_v4', adopt)
+redis.register_function('ew_reembed_v4', reembed)
+redis.register_function('ew_retire_v4', retire)
 redis.register_function{
-  function_name = 'ew_library_version',
+  function_name = 'ew_library_version_v4',
   callback = function() return LIBRARY_VERSION end,
   flags = { 'no-writes' },
 }

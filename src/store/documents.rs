@@ -19,8 +19,20 @@ use crate::settings::Settings;
 
 /// The function library, loaded with FUNCTION LOAD REPLACE when the server lacks this version.
 pub const LIBRARY: &str = include_str!("documents.lua");
-/// Must equal `LIBRARY_VERSION` in documents.lua (a unit test checks); bump both on any change.
+/// Must equal `LIBRARY_VERSION` in documents.lua (a unit test checks); bump both on any change,
+/// with the library's name and every function's suffix.
 const LIBRARY_VERSION: &str = "4";
+
+/// The functions, named with the library's version (library `embed_worker_v4`): workers of two
+/// versions in one rolling upgrade each call their own library's, and one loading its library
+/// never replaces the other's (a worker of library 3 loads `embed_worker`, with unsuffixed names).
+pub const FN_UPSERT: &str = "ew_upsert_v4";
+pub const FN_TOUCH: &str = "ew_touch_v4";
+pub const FN_DELETE: &str = "ew_delete_v4";
+pub const FN_ADOPT: &str = "ew_adopt_v4";
+pub const FN_REEMBED: &str = "ew_reembed_v4";
+pub const FN_RETIRE: &str = "ew_retire_v4";
+const FN_LIBRARY_VERSION: &str = "ew_library_version_v4";
 
 /// Bookkeeping fields of every document hash: the producer version ("0" when the entry had
 /// none) and the stream entry ID of the version stored; the fingerprints of the models whose
@@ -330,9 +342,9 @@ fn push_call(
     chunk_keys: usize,
 ) {
     let function = match change {
-        Change::Upsert { .. } => "ew_upsert",
-        Change::Touch { .. } => "ew_touch",
-        Change::Delete { .. } => "ew_delete",
+        Change::Upsert { .. } => FN_UPSERT,
+        Change::Touch { .. } => FN_TOUCH,
+        Change::Delete { .. } => FN_DELETE,
     };
     let key = change.key();
     let writer = store.writer();
@@ -492,7 +504,7 @@ fn is_missing_function(err: &RedisError) -> bool {
 /// Loads the function library unless the server already has this version. True if it loaded.
 pub async fn ensure_library(conn: &mut MultiplexedConnection) -> Result<bool, RedisError> {
     let loaded: Result<String, RedisError> = ::redis::cmd("FCALL")
-        .arg("ew_library_version")
+        .arg(FN_LIBRARY_VERSION)
         .arg(0)
         .query_async(conn)
         .await;
@@ -556,6 +568,19 @@ mod tests {
         );
         for field in BOOKKEEPING_FIELDS {
             assert!(LIBRARY.contains(&format!("'{field}'")), "{field}");
+        }
+        assert!(LIBRARY.starts_with(&format!("#!lua name=embed_worker_v{LIBRARY_VERSION}\n")));
+        for f in [
+            FN_UPSERT,
+            FN_TOUCH,
+            FN_DELETE,
+            FN_ADOPT,
+            FN_REEMBED,
+            FN_RETIRE,
+            FN_LIBRARY_VERSION,
+        ] {
+            assert!(f.ends_with(&format!("_v{LIBRARY_VERSION}")), "{f}");
+            assert!(LIBRARY.contains(&format!("'{f}'")), "{f} is not registered");
         }
     }
 

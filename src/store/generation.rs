@@ -128,7 +128,7 @@ pub async fn adopt(
     first: &Generation,
 ) -> Result<Record, RedisError> {
     let reply: Value = ::redis::cmd("FCALL")
-        .arg("ew_adopt")
+        .arg(super::documents::FN_ADOPT)
         .arg(1)
         .arg(key)
         .arg(&first.fingerprint)

@@ -466,3 +466,43 @@ fn the_binary_refuses_another_model_in_one_line() {
     let stats = String::from_utf8_lossy(&stats.stdout);
     assert!(stats.contains("model.onnx, 384 dims"), "{stats}");
 }
+
+/// Workers of two library versions in one rolling upgrade: loading library 4 leaves an older
+/// one (here a stand-in for library 3, named `embed_worker` as it was) loaded and callable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loading_this_library_leaves_an_older_one_in_place() {
+    let server = RedisServer::start();
+    let names = Names::new("libs");
+    let mut conn = server.conn();
+    let old =
+        "#!lua name=embed_worker\nredis.register_function{function_name = 'ew_library_version', \
+               callback = function() return '3' end, flags = { 'no-writes' }}";
+    let _: String = ::redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(old)
+        .query(&mut conn)
+        .unwrap();
+    xadd(
+        &mut conn,
+        &names.stream,
+        &[("id", "a"), ("content", "first")],
+    );
+    drain(
+        in_process_settings(&server, &names, "w1", &[]),
+        fake_named("m"),
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .unwrap();
+    let v3: String = ::redis::cmd("FCALL")
+        .arg("ew_library_version")
+        .arg(0)
+        .query(&mut conn)
+        .unwrap();
+    let v4: String = ::redis::cmd("FCALL")
+        .arg("ew_library_version_v4")
+        .arg(0)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!((v3.as_str(), v4.as_str()), ("3", "4"));
+}
