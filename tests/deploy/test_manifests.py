@@ -431,3 +431,39 @@ def test_dockerfile_final_image():
     copies = " ".join(a for i, a in ins if i == "COPY")
     assert "libonnxruntime.so" in copies and "config/default.toml" in copies
     assert "all-MiniLM-L6-v2" in copies, "the default target bakes the model in"
+
+
+# ---------------------------------------------------------------------------------------------
+# The reindex Job (deploy/kubernetes/jobs/reindex.yaml): applied by hand, not by the Kustomization
+
+
+def reindex_job() -> dict:
+    import yaml
+
+    docs = list(yaml.safe_load_all((K8S / "jobs" / "reindex.yaml").read_text()))
+    assert len(docs) == 1 and docs[0]["kind"] == "Job", docs
+    return docs[0]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_reindex_job_matches_kubernetes_schema(version: str):
+    kv.validate(reindex_job(), version, strict=True)
+
+
+def test_reindex_job_runs_reindex_as_the_operator_user_with_the_workers_config():
+    job = reindex_job()
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "OnFailure", "the command is resumable: retry it"
+    (c,) = spec["containers"]
+    assert c["args"][:2] == ["reindex", "--model-file"], c["args"]
+    assert c["image"] == container()["image"], "the same image as the workers"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["EMBED_WORKER__REDIS__USERNAME"]["value"] == "embed-reindex"
+    assert "embed-reindex" in parse_acl(ACL_FILE.read_text()), "the user exists in the ACL file"
+    ref = env["EMBED_WORKER__REDIS__PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] != "embed-worker-redis", "never the workers' Secret"
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert c["args"][c["args"].index("--config") + 1].startswith(mounts["config"])
+    assert spec["volumes"] == pod_spec()["volumes"], "the workers' config and scratch volumes"
+    assert spec["securityContext"] == pod_spec()["securityContext"]
+    assert c["securityContext"] == container()["securityContext"]
