@@ -333,16 +333,7 @@ impl Reindex<'_> {
         let started = Instant::now();
         let mut said = Instant::now();
         loop {
-            let (next_cursor, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .arg("TYPE")
-                .arg("hash")
-                .query_async(conn)
-                .await?;
+            let (next_cursor, keys) = scan(conn, cursor, &pattern).await?;
             let keys: Vec<String> = match self.part {
                 Some((i, n)) => keys.into_iter().filter(|k| part_of(k, n) == i).collect(),
                 None => keys,
@@ -561,16 +552,7 @@ impl Reindex<'_> {
         let mut cursor: u64 = 0;
         let mut retired = 0u64;
         loop {
-            let (next_cursor, keys): (u64, Vec<String>) = ::redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(SCAN_COUNT)
-                .arg("TYPE")
-                .arg("hash")
-                .query_async(conn)
-                .await?;
+            let (next_cursor, keys) = scan(conn, cursor, &pattern).await?;
             if !keys.is_empty() {
                 let mut pipe = ::redis::pipe();
                 for key in &keys {
@@ -716,6 +698,24 @@ async fn lacking(
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
     Ok((total, items.iter().skip(1).map(text).collect()))
+}
+
+/// One SCAN step over the hashes matching `pattern`: the next cursor and the keys.
+async fn scan(
+    conn: &mut MultiplexedConnection,
+    cursor: u64,
+    pattern: &str,
+) -> Result<(u64, Vec<String>), RedisError> {
+    ::redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(SCAN_COUNT)
+        .arg("TYPE")
+        .arg("hash")
+        .query_async(conn)
+        .await
 }
 
 /// `prefix` as a SCAN MATCH pattern that matches it literally.

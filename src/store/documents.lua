@@ -104,6 +104,17 @@ local function before_write(keys, new)
   return nil, chunks
 end
 
+-- Every document function's checks, in order: a readable version (ARGV[1], ARGV[2]), a writer
+-- of the index's model (`fingerprint`), and the newest version. Answers what to reply instead of
+-- writing (nil: go on), and the stored chunk count.
+local function admitted(keys, args, fingerprint)
+  local new, err = checked_order(args)
+  if not new then return err, 0 end
+  local no = refused_model(keys[3], fingerprint)
+  if no then return no, 0 end
+  return before_write(keys, new)
+end
+
 -- Values one HSET may take: unpack() is bounded by Lua's C stack (8000 in Redis's Lua).
 local MAX_HSET_ARGS = 7000
 
@@ -148,11 +159,7 @@ end
 -- then for each chunk: its pair count and its pairs (the vector among them). Replaces the whole
 -- document: a field the new version dropped is gone, and so is every chunk past the new count.
 local function upsert(keys, args)
-  local new, err = checked_order(args)
-  if not new then return err end
-  local no = refused_model(keys[3], args[3])
-  if no then return no end
-  local why, old = before_write(keys, new)
+  local why, old = admitted(keys, args, args[3])
   if why then return why end
   local n = tonumber(args[5])
   local declared = #keys - (CHUNK0 - 1)
@@ -231,11 +238,7 @@ local CHUNK_OWN = { 'chunk', 'chunk_start', 'chunk_end' }
 -- span. Vectors and the chunk count are kept. Otherwise nothing changes: "changed" (embed it,
 -- then ew_upsert).
 local function touch(keys, args)
-  local new, err = checked_order(args)
-  if not new then return err end
-  local no = refused_model(keys[3], args[3])
-  if no then return no end
-  local why, old = before_write(keys, new)
+  local why, old = admitted(keys, args, args[3])
   if why then return why end
   local targets = {}
   if old > 0 then
@@ -295,11 +298,7 @@ end
 -- ARGV: version, entry ID, tombstone TTL in milliseconds, the writer's model fingerprint.
 -- Removes the document (every chunk) and leaves a tombstone that stops older upserts arriving late.
 local function delete(keys, args)
-  local new, err = checked_order(args)
-  if not new then return err end
-  local no = refused_model(keys[3], args[4])
-  if no then return no end
-  local why, old = before_write(keys, new)
+  local why, old = admitted(keys, args, args[4])
   if why then return why end
   local removed = redis.call('DEL', keys[1])
   for c = 1, old do

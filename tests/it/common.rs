@@ -222,6 +222,16 @@ impl Names {
     }
 }
 
+/// Docs defaults (doc: prefix, vector_idx, embed:docs) on a server of its own.
+pub fn docs_names() -> Names {
+    Names {
+        stream: "embed:docs".into(),
+        group: "embedders".into(),
+        index: "vector_idx".into(),
+        prefix: "doc:".into(),
+    }
+}
+
 /// The binary with its environment pointed at `server` and `names`. Add more env as needed.
 pub fn worker_cmd(server: &RedisServer, names: &Names) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_embed-worker"));

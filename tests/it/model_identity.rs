@@ -52,24 +52,30 @@ fn long_text() -> String {
         .join(" ")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_model_is_refused_before_it_writes_anything() {
+/// A server whose index a worker of the fake model `model` made, from one document "a".
+async fn indexed_by(tag: &str, model: &str) -> (RedisServer, Names, embed_worker::Settings) {
     let server = RedisServer::start();
-    let names = Names::new("ident");
-    let mut conn = server.conn();
+    let names = Names::new(tag);
     xadd(
-        &mut conn,
+        &mut server.conn(),
         &names.stream,
         &[("id", "a"), ("content", "first")],
     );
     let settings = in_process_settings(&server, &names, "w1", &[]);
     drain(
         settings.clone(),
-        fake_named("model-a"),
+        fake_named(model),
         Arc::new(Metrics::default()),
     )
     .await
     .unwrap();
+    (server, names, settings)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_model_is_refused_before_it_writes_anything() {
+    let (server, names, settings) = indexed_by("ident", "model-a").await;
+    let mut conn = server.conn();
     let record = hash(&mut conn, &format!("embed:index:{{{}}}", names.index));
     let a = fake_named("model-a").fingerprint;
     assert_eq!(field(&record, "fingerprint"), a.id);
@@ -164,22 +170,8 @@ async fn another_model_is_refused_before_it_writes_anything() {
 /// A worker of the model a reindex is moving the index to waits, unready, and starts at the switch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_models_worker_waits_for_the_switch() {
-    let server = RedisServer::start();
-    let names = Names::new("wait");
+    let (server, names, settings) = indexed_by("wait", "old").await;
     let mut conn = server.conn();
-    xadd(
-        &mut conn,
-        &names.stream,
-        &[("id", "a"), ("content", "first")],
-    );
-    let settings = in_process_settings(&server, &names, "w1", &[]);
-    drain(
-        settings.clone(),
-        fake_named("old"),
-        Arc::new(Metrics::default()),
-    )
-    .await
-    .unwrap();
     let next = fake_named("new").fingerprint;
     let key = format!("embed:index:{{{}}}", names.index);
     let _: () = ::redis::cmd("HSET")

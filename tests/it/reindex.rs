@@ -10,15 +10,6 @@ use std::time::Duration;
 
 use crate::common::*;
 
-fn docs_names() -> Names {
-    Names {
-        stream: "embed:docs".into(),
-        group: "embedders".into(),
-        index: "vector_idx".into(),
-        prefix: "doc:".into(),
-    }
-}
-
 fn worker(server: &RedisServer, names: &Names, file: &str, consumer: &str) -> Child {
     worker_cmd(server, names)
         .env("EMBED_WORKER__MODEL__FILE", file)

@@ -24,16 +24,6 @@ fn drain(server: &RedisServer, names: &Names) -> std::process::Output {
     run_ok(worker_cmd(server, names).args(["run", "--drain"]))
 }
 
-/// Docs defaults (doc: prefix, vector_idx) on a server of its own.
-fn docs_names() -> Names {
-    Names {
-        stream: "embed:docs".into(),
-        group: "embedders".into(),
-        index: "vector_idx".into(),
-        prefix: "doc:".into(),
-    }
-}
-
 #[test]
 fn docs_example_through_the_stream() {
     let server = RedisServer::start();
