@@ -90,6 +90,16 @@ fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
             ],
         );
     }
+    // A document long enough to be chunked: each chunk is re-embedded from its own text.
+    let long: String = (0..60)
+        .map(|i| format!("Paragraph {i} of the long report covers harbour dues and tides."))
+        .collect::<Vec<_>>()
+        .join(" ");
+    xadd(
+        &mut conn,
+        &names.stream,
+        &[("id", "long"), ("content", &long), ("genre", "corpus")],
+    );
     let mut fleet = Fleet(vec![worker(&server, &names, "model.onnx", "fp32")]);
     assert!(
         wait_for(Duration::from_secs(120), || drained(&mut conn, &names)
@@ -271,6 +281,10 @@ fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
     // Every document has the int8 vector, and the index has them all.
     let field = format!("embedding@{int8}");
     let keys = doc_keys(&mut conn);
+    assert!(
+        keys.iter().filter(|k| k.starts_with("doc:long#")).count() >= 3,
+        "the long document is chunked: {keys:?}"
+    );
     for key in &keys {
         let (models, vector): (String, Option<Vec<u8>>) = ::redis::cmd("HMGET")
             .arg(key)
