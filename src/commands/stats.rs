@@ -206,7 +206,7 @@ pub fn table(s: &Stats) -> String {
         Some(i) => {
             let _ = writeln!(
                 out,
-                "index         {:<28} docs {}  indexing failures {}  indexed {}%",
+                "index         {:<28} hashes {}  indexing failures {}  indexed {}%",
                 i.name,
                 i.num_docs,
                 i.hash_indexing_failures,
