@@ -157,32 +157,57 @@ def exit_summary(log: str) -> dict:
     return {}
 
 
+def vm_hwm_mb(pid: int) -> float | None:
+    """The process's peak resident set so far (VmHWM), MB; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def own_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
 def timed_drain(rd: Redis, case: Case, n: int, cmd: list[str], env: dict) -> dict:
-    """Runs `cmd` until it exits; returns docs/s over first-read..last-ack, peak RSS (MB) and
-    the worker's own exit summary."""
+    """Runs `cmd` until it exits; docs/s over first-read..last-ack (XINFO GROUPS every 25 ms),
+    peak RSS, and the worker's own exit summary. A process that exits before draining, or
+    non-zero, raises with its exit status and its log's tail.
+
+    Peak RSS is the worker's VmHWM, read every 25 ms while it runs (the last read at most 25 ms
+    before it exits). Not wait4()'s ru_maxrss: Linux carries the RSS of the process that spawned
+    it into that figure (the exec inherits the spawning memory map's high-water mark), so it
+    reads at least this Python process's own RSS at spawn time, which here holds the texts and
+    a model; both are kept in the result."""
     poller = redis.Redis(port=rd.port)
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty process never blocks on it
+    log = tempfile.TemporaryFile("w+")
+    parent_rss = own_rss_mb()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     first = last = None
+    hwm = 0.0
     while True:
         s = group_state(poller, case)
         now = time.perf_counter()
         if s and first is None and s[0] > 0:
             first = now
-        if s and s[0] >= n and s[1] == 0 and s[2] == 0:
+        if s and last is None and s[0] >= n and s[1] == 0 and s[2] == 0:
             last = now
+        hwm = max(hwm, vm_hwm_mb(proc.pid) or 0.0)
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
             break
-        if proc.poll() is not None:
-            break
-        time.sleep(0.025)  # a lighter poller steals less CPU from both workers; +-25 ms on runs of ~10 s
-    _, status, usage = os.wait4(proc.pid, 0)
+        time.sleep(0.025)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; Popen must not wait again
     log.seek(0)
     err = log.read()
     log.close()
-    if last is None or first is None:
-        raise RuntimeError(f"{cmd[0]} exited (status {status}) before draining the stream: {err[-2000:]}")
-    return {"docs_per_s": n / max(last - first, 1e-9), "seconds": last - first, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "exit": exit_summary(err)}
+    if last is None or first is None or proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} exited with status {proc.returncode} "
+                           f"{'after' if last else 'before'} draining the stream: {err[-2000:]}")
+    return {"docs_per_s": n / max(last - first, 1e-9), "seconds": last - first, "peak_rss_mb": hwm,
+            "ru_maxrss_mb": usage.ru_maxrss / 1024, "spawner_rss_mb": parent_rss, "exit": exit_summary(err)}
 
 
 def ceiling(texts: list[str], env: dict) -> dict:

@@ -169,60 +169,9 @@ def vector_check(embed: Embedder, env: dict, docs: list[long_docs.Page]) -> dict
             "max_abs": float(np.abs(theirs - ours).max())}
 
 
-def vm_hwm_mb(pid: int) -> float | None:
-    """The process's peak resident set so far (VmHWM), MB; None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return None
-
-
-def own_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
-
-
 def drain(rd, case, n: int, cmd: list[str], env: dict) -> dict:
-    """bench.timed_drain's timing (first entry read .. last ack, XINFO GROUPS every 25 ms) for
-    a process that may also exit early: the exit status and its log's tail are in the error.
-
-    Peak RSS is the worker's VmHWM, read every 25 ms while it runs (the last read at most 25 ms
-    before it exits). Not wait4()'s ru_maxrss: Linux carries the RSS of the process that spawned
-    it into that figure (the exec inherits the spawning memory map's high-water mark), so it
-    reads at least this Python process's own RSS at spawn time, which here holds the texts and
-    a model; both are kept in the result."""
-    import tempfile
-
-    import redis
-
-    poller = redis.Redis(port=rd.port)
-    log = tempfile.TemporaryFile("w+")
-    parent_rss = own_rss_mb()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
-    first = last = None
-    hwm = 0.0
-    while True:
-        s = bench.group_state(poller, case)
-        now = time.perf_counter()
-        if s and first is None and s[0] > 0:
-            first = now
-        if s and last is None and s[0] >= n and s[1] == 0 and s[2] == 0:
-            last = now
-        hwm = max(hwm, vm_hwm_mb(proc.pid) or 0.0)
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        time.sleep(0.025)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; Popen must not wait again
-    log.seek(0)
-    err = log.read()
-    log.close()
-    if last is None or first is None or proc.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} exited with status {proc.returncode} "
-                           f"{'after' if last else 'before'} draining the stream: {err[-2000:]}")
-    return {"docs_per_s": n / max(last - first, 1e-9), "seconds": last - first, "peak_rss_mb": hwm,
-            "ru_maxrss_mb": usage.ru_maxrss / 1024, "spawner_rss_mb": parent_rss, "exit": bench.exit_summary(err)}
+    """bench.timed_drain (kept under this name for memory.py)."""
+    return bench.timed_drain(rd, case, n, cmd, env)
 
 
 def seen_tokens(tok, texts: list[str]) -> list[int]:
