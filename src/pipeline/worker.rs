@@ -281,12 +281,6 @@ async fn prepare_redis(
     conn: &mut MultiplexedConnection,
     dimension: usize,
 ) -> Result<bool, WorkerError> {
-    if documents::ensure_library(conn)
-        .await
-        .map_err(|e| ctx.store.error(e))?
-    {
-        tracing::info!("loaded the embed_worker function library");
-    }
     let Some(generation) = check_model(ctx, conn).await? else {
         return Ok(false);
     };
@@ -340,10 +334,23 @@ async fn check_model(
 ) -> Result<Option<Generation>, WorkerError> {
     let key = generation::record_key(&ctx.settings.index.name);
     let s = &ctx.settings;
-    let record = match generation::load(conn, &key)
+    // Read first, so a worker of another model is refused before it writes anything (the
+    // function library included).
+    let found = generation::load(conn, &key)
+        .await
+        .map_err(|e| ctx.store.error(e))?;
+    if let Some(record) = &found {
+        if record.verdict(&ctx.model.id) == Verdict::Refuse {
+            return Err(mismatch(ctx, record));
+        }
+    }
+    if documents::ensure_library(conn)
         .await
         .map_err(|e| ctx.store.error(e))?
     {
+        tracing::info!("loaded the embed_worker function library");
+    }
+    let record = match found {
         Some(record) => record,
         None => {
             let existing = index::info(conn, &s.index.name)
@@ -373,11 +380,15 @@ async fn check_model(
     match record.verdict(&ctx.model.id) {
         Verdict::Write(generation) => Ok(Some(generation)),
         Verdict::Wait => Ok(None),
-        Verdict::Refuse => Err(WorkerError::ModelMismatch {
-            index: s.index.name.clone(),
-            index_model: format!("{} [{}]", record.current.model, record.current.fingerprint),
-            ours: ctx.model.clone(),
-            file: s.model.file.clone(),
-        }),
+        Verdict::Refuse => Err(mismatch(ctx, &record)),
+    }
+}
+
+fn mismatch(ctx: &Ctx, record: &generation::Record) -> WorkerError {
+    WorkerError::ModelMismatch {
+        index: ctx.settings.index.name.clone(),
+        index_model: format!("{} [{}]", record.current.model, record.current.fingerprint),
+        ours: ctx.model.clone(),
+        file: ctx.settings.model.file.clone(),
     }
 }

@@ -96,6 +96,11 @@ async fn another_model_is_refused_before_it_writes_anything() {
         &names.stream,
         &[("id", "b"), ("content", "second")],
     );
+    // Not even the function library: flushed here, still absent after the refusal.
+    let _: () = ::redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query(&mut conn)
+        .unwrap();
     let lag_before: Vec<::redis::Value> = ::redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(&names.stream)
@@ -123,6 +128,11 @@ async fn another_model_is_refused_before_it_writes_anything() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(lag_before, lag_after, "and read nothing");
+    let libraries: Vec<::redis::Value> = ::redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query(&mut conn)
+        .unwrap();
+    assert!(libraries.is_empty(), "and loaded nothing: {libraries:?}");
 
     // A worker already running when the record stops naming its model (a reindex switched)
     // is refused at its next write: it stops, and its entry stays pending, unwritten.
