@@ -119,6 +119,8 @@ pub struct StreamSettings {
 pub struct IndexSettings {
     /// FT index name.
     pub name: String,
+    /// How each document is stored: a hash, or a RedisJSON document.
+    pub storage: Storage,
     /// Hash key prefix.
     pub prefix: String,
     /// Hash field receiving the vector bytes.
@@ -154,6 +156,33 @@ pub struct ChunkSettings {
     pub max_chunks: usize,
     /// TAG field holding the parent document's id in each chunk of a multi-chunk document.
     pub parent_field: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Storage {
+    /// A hash per document (and per chunk): fields as given, the vector as float32 bytes.
+    Hash,
+    /// A RedisJSON document per document (and per chunk): fields as JSON strings (numbers for
+    /// the schema's NUMERIC fields), the vector as an array of numbers.
+    Json,
+}
+
+impl IndexSettings {
+    /// The schema's NUMERIC fields (stored as JSON numbers, and checked as numbers).
+    pub fn numeric_fields(&self) -> Vec<String> {
+        self.schema
+            .iter()
+            .filter_map(|f| {
+                let mut words = f.split_whitespace();
+                let name = words.next()?;
+                words
+                    .next()
+                    .filter(|t| t.eq_ignore_ascii_case("NUMERIC"))
+                    .map(|_| name.to_string())
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -28,10 +28,10 @@ use anyhow::{bail, Context};
 
 use crate::model::Model;
 use crate::settings::Settings;
-use crate::store::documents::{self, ENTRY_FIELD, MODEL_FIELD, VERSION_FIELD};
+use crate::settings::Storage;
+use crate::store::documents::{self, DocFn, DocStore, ENTRY_FIELD, MODEL_FIELD, VERSION_FIELD};
 use crate::store::generation::{self, Generation, Phase, Record};
-use crate::store::query::vector_bytes;
-use crate::store::reply::{bytes, text};
+use crate::store::reply::text;
 use crate::store::{index, Store};
 
 #[derive(Debug, clap::Args)]
@@ -333,7 +333,8 @@ impl Reindex<'_> {
         let started = Instant::now();
         let mut said = Instant::now();
         loop {
-            let (next_cursor, keys) = scan(conn, cursor, &pattern).await?;
+            let (next_cursor, keys) =
+                scan(conn, self.settings.index.storage, cursor, &pattern).await?;
             let keys: Vec<String> = match self.part {
                 Some((i, n)) => keys.into_iter().filter(|k| part_of(k, n) == i).collect(),
                 None => keys,
@@ -401,37 +402,34 @@ impl Reindex<'_> {
         if keys.is_empty() {
             return Ok(());
         }
-        let text_field = &self.settings.stream.text_field;
-        let mut pipe = ::redis::pipe();
-        for key in keys {
-            pipe.cmd("HMGET")
-                .arg(key)
-                .arg(text_field)
-                .arg(VERSION_FIELD)
-                .arg(ENTRY_FIELD)
-                .arg(MODEL_FIELD);
-        }
-        let rows: Vec<Vec<Value>> = pipe.query_async(conn).await?;
+        let text_field = self.settings.stream.text_field.as_str();
+        let rows = documents::read_fields(
+            conn,
+            self.settings.index.storage,
+            keys,
+            &[text_field, VERSION_FIELD, ENTRY_FIELD, MODEL_FIELD],
+        )
+        .await?;
+        let utf8 = |v: Option<Vec<u8>>| v.map(|b| String::from_utf8_lossy(&b).into_owned());
         // (key, version, entry, text) still to embed.
         let mut todo: Vec<(&str, String, String, String)> = Vec::new();
         for (key, row) in keys.iter().zip(rows) {
             tally.seen += 1;
-            let [t, version, entry, models] = <[Value; 4]>::try_from(row).map_err(|_| {
-                anyhow::anyhow!("HMGET answered the wrong number of fields for {key}")
-            })?;
-            if matches!(version, Value::Nil) || matches!(entry, Value::Nil) {
+            let [t, version, entry, models] = <[Option<Vec<u8>>; 4]>::try_from(row)
+                .map_err(|_| anyhow::anyhow!("the wrong number of fields read for {key}"))?;
+            let (Some(version), Some(entry)) = (utf8(version), utf8(entry)) else {
                 tally.foreign.push(key.clone());
                 continue;
-            }
-            if text(&models)
+            };
+            if utf8(models)
+                .unwrap_or_default()
                 .split_whitespace()
                 .any(|m| m == next.fingerprint)
             {
                 tally.had += 1;
                 continue;
             }
-            let t = String::from_utf8_lossy(&bytes(&t)).into_owned();
-            todo.push((key, text(&version), text(&entry), t));
+            todo.push((key, version, entry, utf8(t).unwrap_or_default()));
         }
         // Sorted by length, so a batch pads little; each batch's writes go out while the next
         // batch is embedded.
@@ -445,8 +443,11 @@ impl Reindex<'_> {
                 .iter()
                 .map(|(k, v, e, _)| (k.to_string(), v.clone(), e.clone()))
                 .collect();
+            let store = DocStore::from_settings(self.settings);
+            let vectors = vectors.iter().map(|v| store.vector(v)).collect();
             *inflight = Some(tokio::spawn(write_vectors(
                 conn.clone(),
+                DocFn::Reembed.name(store.storage),
                 self.key.clone(),
                 next.fingerprint.clone(),
                 rows,
@@ -552,12 +553,13 @@ impl Reindex<'_> {
         let mut cursor: u64 = 0;
         let mut retired = 0u64;
         loop {
-            let (next_cursor, keys) = scan(conn, cursor, &pattern).await?;
+            let (next_cursor, keys) =
+                scan(conn, self.settings.index.storage, cursor, &pattern).await?;
             if !keys.is_empty() {
                 let mut pipe = ::redis::pipe();
                 for key in &keys {
                     pipe.cmd("FCALL")
-                        .arg(documents::FN_RETIRE)
+                        .arg(DocFn::Retire.name(self.settings.index.storage))
                         .arg(2)
                         .arg(key)
                         .arg(&self.key)
@@ -627,22 +629,23 @@ type Written = tokio::task::JoinHandle<Result<Vec<String>, RedisError>>;
 /// Writes `vectors` to the hashes `rows` (key, version, entry ID read with the text).
 async fn write_vectors(
     mut conn: MultiplexedConnection,
+    function: &'static str,
     record: String,
     fingerprint: String,
     rows: Vec<(String, String, String)>,
-    vectors: Vec<Vec<f32>>,
+    vectors: Vec<Vec<u8>>,
 ) -> Result<Vec<String>, RedisError> {
     let mut pipe = ::redis::pipe();
     for ((key, version, entry), vector) in rows.iter().zip(&vectors) {
         pipe.cmd("FCALL")
-            .arg(documents::FN_REEMBED)
+            .arg(function)
             .arg(2)
             .arg(key)
             .arg(&record)
             .arg(version)
             .arg(entry)
             .arg(&fingerprint)
-            .arg(vector_bytes(vector));
+            .arg(vector.as_slice());
     }
     pipe.query_async(&mut conn).await
 }
@@ -700,9 +703,10 @@ async fn lacking(
     Ok((total, items.iter().skip(1).map(text).collect()))
 }
 
-/// One SCAN step over the hashes matching `pattern`: the next cursor and the keys.
+/// One SCAN step over the stored documents matching `pattern`: the next cursor and the keys.
 async fn scan(
     conn: &mut MultiplexedConnection,
+    storage: Storage,
     cursor: u64,
     pattern: &str,
 ) -> Result<(u64, Vec<String>), RedisError> {
@@ -713,7 +717,10 @@ async fn scan(
         .arg("COUNT")
         .arg(SCAN_COUNT)
         .arg("TYPE")
-        .arg("hash")
+        .arg(match storage {
+            Storage::Hash => "hash",
+            Storage::Json => "ReJSON-RL",
+        })
         .query_async(conn)
         .await
 }

@@ -31,6 +31,10 @@ pub struct EntryRules {
     chunked: bool,
     /// The chunking rule, part of every text's digest (see [`super::unchanged::digest`]).
     digest_rule: Arc<str>,
+    /// The schema's NUMERIC fields: their values must be numbers.
+    numeric: Arc<[String]>,
+    /// Stored as JSON: every stored field name and value must be UTF-8.
+    json: bool,
 }
 
 impl EntryRules {
@@ -55,6 +59,8 @@ impl EntryRules {
             reserved: reserved_fields(s).into(),
             chunked: s.parent_field().is_some(),
             digest_rule: super::unchanged::rule(s).into(),
+            numeric: s.index.numeric_fields().into(),
+            json: s.index.storage == crate::settings::Storage::Json,
         }
     }
 }
@@ -68,6 +74,47 @@ fn reserved_fields(s: &crate::settings::Settings) -> Vec<String> {
         names.extend(CHUNK_FIELDS.iter().map(|f| f.to_string()));
     }
     names
+}
+
+/// A stored field that cannot be stored as the schema and storage need: a NUMERIC field that
+/// holds no number, or (on JSON) a name or value that is not UTF-8.
+fn stored_values_problem(entry: &RawEntry, rules: &EntryRules) -> Option<(DeadReason, String)> {
+    let control = |k: &[u8]| rules.control.iter().any(|c| c.as_slice() == k);
+    for (k, v) in entry.fields.iter().filter(|(k, _)| !control(k)) {
+        let name = String::from_utf8_lossy(k);
+        if rules.numeric.iter().any(|n| n.as_bytes() == k.as_slice()) && number(v).is_none() {
+            let shown = String::from_utf8_lossy(&v[..v.len().min(64)]).into_owned();
+            return Some((
+                DeadReason::InvalidNumber,
+                format!("field {name:?} is NUMERIC in index.schema but holds {shown:?}"),
+            ));
+        }
+        if rules.json && (std::str::from_utf8(k).is_err() || std::str::from_utf8(v).is_err()) {
+            return Some((
+                DeadReason::NotJsonText,
+                format!(
+                    "field {name:?}: its {} is not UTF-8, so it cannot be a JSON string \
+                     (index.storage = \"json\")",
+                    if std::str::from_utf8(k).is_err() {
+                        "name"
+                    } else {
+                        "value"
+                    }
+                ),
+            ));
+        }
+    }
+    None
+}
+
+/// A NUMERIC field's value as the number it spells (finite, surrounding spaces allowed).
+pub fn number(v: &[u8]) -> Option<f64> {
+    std::str::from_utf8(v)
+        .ok()?
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite())
 }
 
 /// Characters an id may not hold: whitespace and controls (invisible, ambiguous in logs and
@@ -260,6 +307,9 @@ fn check(entry: &RawEntry, rules: &EntryRules) -> Result<Checked, (DeadReason, S
             let detail = format!("field {name:?} is reserved for the worker's own use");
             return Err((DeadReason::ReservedField, detail));
         }
+    }
+    if let Some(bad) = stored_values_problem(entry, rules) {
+        return Err(bad);
     }
     // Each model's vectors after a reindex: `<vector_field>@<fingerprint>`.
     let model_vectors = format!("{}@", rules.vector_field);

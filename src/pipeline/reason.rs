@@ -31,10 +31,15 @@ pub enum DeadReason {
     EntryTooLarge,
     /// The text cuts into more than `chunk.max_chunks` chunks.
     TooManyChunks,
+    /// A field the schema declares NUMERIC holds no number (never stored as a silent zero).
+    InvalidNumber,
+    /// With `index.storage = "json"`: a field name or value is not UTF-8, so it cannot be a JSON
+    /// string (never re-encoded or guessed at).
+    NotJsonText,
 }
 
 impl DeadReason {
-    pub const ALL: [DeadReason; 13] = [
+    pub const ALL: [DeadReason; 15] = [
         DeadReason::MissingText,
         DeadReason::InvalidUtf8,
         DeadReason::EmptyText,
@@ -48,6 +53,8 @@ impl DeadReason {
         DeadReason::WriteError,
         DeadReason::EntryTooLarge,
         DeadReason::TooManyChunks,
+        DeadReason::InvalidNumber,
+        DeadReason::NotJsonText,
     ];
 
     /// The label used in dead letters and metrics.
@@ -66,6 +73,8 @@ impl DeadReason {
             DeadReason::WriteError => "write_error",
             DeadReason::EntryTooLarge => "entry_too_large",
             DeadReason::TooManyChunks => "too_many_chunks",
+            DeadReason::InvalidNumber => "invalid_number",
+            DeadReason::NotJsonText => "not_json_text",
         }
     }
 }

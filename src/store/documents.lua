@@ -59,9 +59,9 @@ end
 
 -- The stored version's order key (nil if none) and its chunk count (0 for a one-chunk
 -- document or none).
-local function stored(keys)
-  local whole = redis.call('HMGET', keys[1], '__ew_version', '__ew_entry')
-  local first = redis.call('HMGET', keys[CHUNK0], '__ew_version', '__ew_entry', '__ew_chunks')
+local function stored(S, keys)
+  local whole = S.get(keys[1], { '__ew_version', '__ew_entry' })
+  local first = S.get(keys[CHUNK0], { '__ew_version', '__ew_entry', '__ew_chunks' })
   local have = order_key(whole[1], whole[2])
   local chunked = order_key(first[1], first[2])
   if chunked and (not have or chunked > have) then have = chunked end
@@ -96,8 +96,8 @@ end
 
 -- The verdict before any write: nil to go on, else the reply (current, superseded, or the
 -- chunk keys the caller must declare). Also the stored chunk count.
-local function before_write(keys, new)
-  local have, chunks = stored(keys)
+local function before_write(S, keys, new)
+  local have, chunks = stored(S, keys)
   local why = stale(keys, have, new)
   if why then return why, chunks end
   if chunks > #keys - (CHUNK0 - 1) then return 'keys ' .. chunks, chunks end
@@ -107,12 +107,12 @@ end
 -- Every document function's checks, in order: a readable version (ARGV[1], ARGV[2]), a writer
 -- of the index's model (`fingerprint`), and the newest version. Answers what to reply instead of
 -- writing (nil: go on), and the stored chunk count.
-local function admitted(keys, args, fingerprint)
+local function admitted(S, keys, args, fingerprint)
   local new, err = checked_order(args)
   if not new then return err, 0 end
   local no = refused_model(keys[3], fingerprint)
   if no then return no, 0 end
-  return before_write(keys, new)
+  return before_write(S, keys, new)
 end
 
 -- Values one HSET may take: unpack() is bounded by Lua's C stack (8000 in Redis's Lua).
@@ -158,18 +158,19 @@ end
 -- n, the count c of shared field pairs, those c pairs (the entry's fields every chunk holds),
 -- then for each chunk: its pair count and its pairs (the vector among them). Replaces the whole
 -- document: a field the new version dropped is gone, and so is every chunk past the new count.
-local function upsert(keys, args)
-  local why, old = admitted(keys, args, args[3])
+local function upsert(S, keys, args)
+  local why, old = admitted(S, keys, args, args[3])
   if why then return why end
   local n = tonumber(args[5])
   local declared = #keys - (CHUNK0 - 1)
   if not n or n < 1 or (n > 1 and n > declared) then
     return redis.error_reply('ERR embed_worker: ' .. tostring(args[5]) .. ' chunks with ' .. declared .. ' chunk keys')
   end
-  local book = { '__ew_version', args[1], '__ew_entry', args[2], '__ew_model', args[3], '__ew_digest', args[4] }
+  local book = { '__ew_version', S.str(args[1]), '__ew_entry', S.str(args[2]), '__ew_model', S.str(args[3]),
+    '__ew_digest', S.str(args[4]) }
   if n > 1 then
     book[#book + 1] = '__ew_chunks'
-    book[#book + 1] = tostring(n)
+    book[#book + 1] = S.str(tostring(n))
   end
   local shared = {}
   local at = pairs_from(args, 7, tonumber(args[6]), shared)
@@ -180,9 +181,9 @@ local function upsert(keys, args)
     local count = tonumber(args[at])
     at = pairs_from(args, at + 1, count, fields)
     if n == 1 then
-      replace(keys[1], fields)
+      S.replace(keys[1], fields)
     else
-      replace(keys[CHUNK0 - 1 + c], fields)
+      S.replace(keys[CHUNK0 - 1 + c], fields)
     end
   end
   if n > 1 then
@@ -226,6 +227,79 @@ local function same_fields(key, fields)
   return true
 end
 
+-- Storage: how a function reads and writes one stored document (a hash, or a RedisJSON
+-- document). Field values a function writes are "raw", as stored: the bytes in a hash, JSON text
+-- in a JSON document (the caller encodes the entry's fields and vectors so; `str` encodes the
+-- function's own strings). `get` answers decoded strings (nil where absent), `raw` the stored
+-- form to write back unchanged.
+local HASH = {
+  get = function(key, names) return redis.call('HMGET', key, unpack(names)) end,
+  raw = function(key, names) return redis.call('HMGET', key, unpack(names)) end,
+  str = function(v) return v end,
+  replace = function(key, fields) replace(key, fields) end,
+  set = function(key, fields) redis.call('HSET', key, unpack(fields)) end,
+  del = function(key, name) return redis.call('HDEL', key, name) end,
+  same = same_fields,
+}
+
+-- A top-level member's JSONPath: $["name"].
+local function path(name)
+  return '$[' .. cjson.encode(name) .. ']'
+end
+
+local JSON = {
+  get = function(key, names)
+    local paths = {}
+    for i, name in ipairs(names) do paths[i] = path(name) end
+    local reply = redis.call('JSON.GET', key, unpack(paths))
+    local out = {}
+    if not reply then return out end
+    local found = cjson.decode(reply)
+    for i, p in ipairs(paths) do
+      local matches
+      if #paths == 1 then matches = found else matches = found[p] end
+      local v = matches and matches[1]
+      if v == nil or v == cjson.null then
+        out[i] = nil
+      elseif type(v) == 'string' then
+        out[i] = v
+      else
+        out[i] = cjson.encode(v)
+      end
+    end
+    return out
+  end,
+  raw = function(key, names)
+    local out = {}
+    for i, name in ipairs(names) do
+      local reply = redis.call('JSON.GET', key, path(name))
+      -- One JSONPath answers a JSON array of its matches: "[<value>]", or "[]".
+      if reply and #reply > 2 then out[i] = string.sub(reply, 2, -2) end
+    end
+    return out
+  end,
+  str = function(v) return cjson.encode(v) end,
+  replace = function(key, fields)
+    local members = {}
+    for i = 1, #fields, 2 do
+      members[#members + 1] = cjson.encode(fields[i]) .. ':' .. fields[i + 1]
+    end
+    redis.call('JSON.SET', key, '$', '{' .. table.concat(members, ',') .. '}')
+  end,
+  -- One JSON.MERGE: the Query Engine re-indexes a JSON document on every write command, so
+  -- several members go in one (never null: a null member would be deleted).
+  set = function(key, fields)
+    local members = {}
+    for i = 1, #fields, 2 do
+      members[#members + 1] = cjson.encode(fields[i]) .. ':' .. fields[i + 1]
+    end
+    redis.call('JSON.MERGE', key, '$', '{' .. table.concat(members, ',') .. '}')
+  end,
+  del = function(key, name) return redis.call('JSON.DEL', key, path(name)) end,
+  -- Always rewritten: the Query Engine re-indexes a JSON document on any write anyway.
+  same = function() return false end,
+}
+
 -- The fields of one chunk of a multi-chunk document that a touch keeps as they are.
 local CHUNK_OWN = { 'chunk', 'chunk_start', 'chunk_end' }
 
@@ -237,8 +311,8 @@ local CHUNK_OWN = { 'chunk', 'chunk_start', 'chunk_end' }
 -- multi-chunk one takes them less the text, plus the parent, and keeps its own text, number and
 -- span. Vectors and the chunk count are kept. Otherwise nothing changes: "changed" (embed it,
 -- then ew_upsert).
-local function touch(keys, args)
-  local why, old = admitted(keys, args, args[3])
+local function touch(S, keys, args)
+  local why, old = admitted(S, keys, args, args[3])
   if why then return why end
   local targets = {}
   if old > 0 then
@@ -248,7 +322,7 @@ local function touch(keys, args)
   else
     return 'changed'
   end
-  local first = redis.call('HMGET', targets[1], '__ew_digest', '__ew_model')
+  local first = S.get(targets[1], { '__ew_digest', '__ew_model' })
   if first[1] ~= args[4] or not has_word(first[2], args[3]) then return 'changed' end
   local text_field = args[5]
   local given = {}
@@ -264,14 +338,14 @@ local function touch(keys, args)
       end
     end
     without_text[#without_text + 1] = args[6]
-    without_text[#without_text + 1] = args[7]
+    without_text[#without_text + 1] = S.str(args[7])
     given = without_text
     kept[#kept + 1] = text_field
     for _, name in ipairs(CHUNK_OWN) do kept[#kept + 1] = name end
   end
   for _, key in ipairs(targets) do
-    local values = redis.call('HMGET', key, unpack(kept))
-    local fields = { '__ew_model', first[2], '__ew_digest', args[4] }
+    local values = S.raw(key, kept)
+    local fields = { '__ew_model', S.str(first[2]), '__ew_digest', S.str(args[4]) }
     for i = 1, #given do fields[#fields + 1] = given[i] end
     for i, name in ipairs(kept) do
       if values[i] then
@@ -279,16 +353,16 @@ local function touch(keys, args)
         fields[#fields + 1] = values[i]
       end
     end
-    if same_fields(key, fields) then
+    if S.same(key, fields) then
       -- A replay: only the version moves. Outside the schema, so with the Query Engine's
       -- PARTIAL_INDEXED_DOCS the index is not touched at all.
-      redis.call('HSET', key, '__ew_version', args[1], '__ew_entry', args[2])
+      S.set(key, { '__ew_version', S.str(args[1]), '__ew_entry', S.str(args[2]) })
     else
       fields[#fields + 1] = '__ew_version'
-      fields[#fields + 1] = args[1]
+      fields[#fields + 1] = S.str(args[1])
       fields[#fields + 1] = '__ew_entry'
-      fields[#fields + 1] = args[2]
-      replace(key, fields)
+      fields[#fields + 1] = S.str(args[2])
+      S.replace(key, fields)
     end
   end
   redis.call('DEL', keys[2])
@@ -297,8 +371,8 @@ end
 
 -- ARGV: version, entry ID, tombstone TTL in milliseconds, the writer's model fingerprint.
 -- Removes the document (every chunk) and leaves a tombstone that stops older upserts arriving late.
-local function delete(keys, args)
-  local why, old = admitted(keys, args, args[4])
+local function delete(S, keys, args)
+  local why, old = admitted(S, keys, args, args[4])
   if why then return why end
   local removed = redis.call('DEL', keys[1])
   for c = 1, old do
@@ -325,14 +399,14 @@ end
 -- version and entry ID read with its text, the next model's fingerprint, the vector bytes.
 -- Answers "written", "changed" (a newer version was written since: its writer's version will
 -- be embedded again), or "not migrating" (the record names no such next model).
-local function reembed(keys, args)
+local function reembed(S, keys, args)
   local r = redis.call('HMGET', keys[2], 'next_fingerprint', 'next_vector_field')
   if r[1] ~= args[3] or not r[2] then return 'not migrating' end
-  local have = redis.call('HMGET', keys[1], '__ew_version', '__ew_entry', '__ew_model')
+  local have = S.get(keys[1], { '__ew_version', '__ew_entry', '__ew_model' })
   if have[1] ~= args[1] or have[2] ~= args[2] then return 'changed' end
   local models = have[3] or ''
   if not has_word(models, args[3]) then models = models .. ' ' .. args[3] end
-  redis.call('HSET', keys[1], r[2], args[4], '__ew_model', models)
+  S.set(keys[1], { r[2], args[4], '__ew_model', S.str(models) })
   return 'written'
 end
 
@@ -340,29 +414,35 @@ end
 -- has moved on. KEYS[1] the hash, KEYS[2] the model record. ARGV: that vector field and model
 -- fingerprint. Answers "retired", "none" (nothing of it there), or "current" (refused: that
 -- model is still the index's).
-local function retire(keys, args)
+local function retire(S, keys, args)
   local current = redis.call('HGET', keys[2], 'fingerprint')
   if not current or current == args[2] then return 'current' end
-  local models = redis.call('HGET', keys[1], '__ew_model')
-  local removed = redis.call('HDEL', keys[1], args[1])
+  local models = S.get(keys[1], { '__ew_model' })[1]
+  local removed = S.del(keys[1], args[1])
   if has_word(models, args[2]) then
     local kept = {}
     for w in string.gmatch(models, '%S+') do
       if w ~= args[2] then kept[#kept + 1] = w end
     end
-    redis.call('HSET', keys[1], '__ew_model', table.concat(kept, ' '))
+    S.set(keys[1], { '__ew_model', S.str(table.concat(kept, ' ')) })
     removed = removed + 1
   end
   if removed > 0 then return 'retired' end
   return 'none'
 end
 
-redis.register_function('ew_upsert_v4', upsert)
-redis.register_function('ew_touch_v4', touch)
-redis.register_function('ew_delete_v4', delete)
+-- Each document function twice: ew_<name>_v4 on hashes, ew_json_<name>_v4 on JSON documents.
+-- (Spelled out: the library's load-time environment has no pairs/ipairs.)
+local function both(name, f)
+  redis.register_function('ew_' .. name .. '_v4', function(keys, args) return f(HASH, keys, args) end)
+  redis.register_function('ew_json_' .. name .. '_v4', function(keys, args) return f(JSON, keys, args) end)
+end
+both('upsert', upsert)
+both('touch', touch)
+both('delete', delete)
+both('reembed', reembed)
+both('retire', retire)
 redis.register_function('ew_adopt_v4', adopt)
-redis.register_function('ew_reembed_v4', reembed)
-redis.register_function('ew_retire_v4', retire)
 redis.register_function{
   function_name = 'ew_library_version_v4',
   callback = function() return LIBRARY_VERSION end,

@@ -5,6 +5,7 @@
 //! Storage today is a hash per document; everything the pipeline knows about storage goes
 //! through [`DocStore`] and [`Change`], so another storage is a change here, not in the pipeline.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use ::redis::{RedisError, Value};
 use super::connect::{classify, Disposition};
 use super::query::vector_bytes;
 use super::reply::text;
-use crate::settings::Settings;
+use crate::settings::{Settings, Storage};
 
 /// The function library, loaded with FUNCTION LOAD REPLACE when the server lacks this version.
 pub const LIBRARY: &str = include_str!("documents.lua");
@@ -26,13 +27,46 @@ const LIBRARY_VERSION: &str = "4";
 /// The functions, named with the library's version (library `embed_worker_v4`): workers of two
 /// versions in one rolling upgrade each call their own library's, and one loading its library
 /// never replaces the other's (a worker of library 3 loads `embed_worker`, with unsuffixed names).
-pub const FN_UPSERT: &str = "ew_upsert_v4";
-pub const FN_TOUCH: &str = "ew_touch_v4";
-pub const FN_DELETE: &str = "ew_delete_v4";
 pub const FN_ADOPT: &str = "ew_adopt_v4";
-pub const FN_REEMBED: &str = "ew_reembed_v4";
-pub const FN_RETIRE: &str = "ew_retire_v4";
 const FN_LIBRARY_VERSION: &str = "ew_library_version_v4";
+
+/// A document function: each exists once per storage (`ew_upsert_v4` on hashes,
+/// `ew_json_upsert_v4` on JSON documents).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocFn {
+    Upsert,
+    Touch,
+    Delete,
+    Reembed,
+    Retire,
+}
+
+impl DocFn {
+    pub const ALL: [DocFn; 5] = [
+        DocFn::Upsert,
+        DocFn::Touch,
+        DocFn::Delete,
+        DocFn::Reembed,
+        DocFn::Retire,
+    ];
+
+    /// The function's name for `storage`.
+    pub fn name(self, storage: Storage) -> &'static str {
+        use DocFn::*;
+        match (storage, self) {
+            (Storage::Hash, Upsert) => "ew_upsert_v4",
+            (Storage::Hash, Touch) => "ew_touch_v4",
+            (Storage::Hash, Delete) => "ew_delete_v4",
+            (Storage::Hash, Reembed) => "ew_reembed_v4",
+            (Storage::Hash, Retire) => "ew_retire_v4",
+            (Storage::Json, Upsert) => "ew_json_upsert_v4",
+            (Storage::Json, Touch) => "ew_json_touch_v4",
+            (Storage::Json, Delete) => "ew_json_delete_v4",
+            (Storage::Json, Reembed) => "ew_json_reembed_v4",
+            (Storage::Json, Retire) => "ew_json_retire_v4",
+        }
+    }
+}
 
 /// Bookkeeping fields of every document hash: the producer version ("0" when the entry had
 /// none) and the stream entry ID of the version stored; the fingerprints of the models whose
@@ -100,6 +134,9 @@ impl fmt::Display for EntryId {
 /// How documents are stored: key layout, chunk fields, tombstones, and which model writes.
 #[derive(Debug)]
 pub struct DocStore {
+    pub storage: Storage,
+    /// The schema's NUMERIC fields: JSON numbers on JSON.
+    numeric: Vec<String>,
     text_field: String,
     parent_field: String,
     tombstone_prefix: String,
@@ -122,6 +159,8 @@ pub struct Writer {
 impl DocStore {
     pub fn from_settings(s: &Settings) -> Self {
         Self {
+            storage: s.index.storage,
+            numeric: s.index.numeric_fields(),
             text_field: s.stream.text_field.clone(),
             parent_field: s.chunk.parent_field.clone(),
             tombstone_prefix: s.index.tombstone_prefix.clone(),
@@ -129,6 +168,40 @@ impl DocStore {
             record_key: super::generation::record_key(&s.index.name),
             writer: OnceLock::new(),
         }
+    }
+
+    /// A field's value as stored: as given in a hash; on JSON, a JSON number for a NUMERIC
+    /// field and a JSON string otherwise (the reader checked both: `entry::number`, UTF-8).
+    pub fn value<'v>(&self, name: &[u8], value: &'v [u8]) -> Cow<'v, [u8]> {
+        match self.storage {
+            Storage::Hash => Cow::Borrowed(value),
+            Storage::Json => {
+                if self.numeric.iter().any(|n| n.as_bytes() == name) {
+                    if let Some(n) = json_number(value) {
+                        return Cow::Owned(n.into_bytes());
+                    }
+                }
+                let text = String::from_utf8_lossy(value);
+                Cow::Owned(
+                    serde_json::Value::String(text.into_owned())
+                        .to_string()
+                        .into_bytes(),
+                )
+            }
+        }
+    }
+
+    /// A vector as stored: little-endian float32 bytes in a hash, an array of numbers on JSON.
+    pub fn vector(&self, vector: &[f32]) -> Vec<u8> {
+        match self.storage {
+            Storage::Hash => vector_bytes(vector),
+            Storage::Json => serde_json::to_vec(vector).expect("floats serialise"),
+        }
+    }
+
+    /// A number the function stores as is (a chunk's number or span): its digits on both.
+    fn count(n: usize) -> String {
+        n.to_string()
     }
 
     /// Sets who writes, once (start-up, after the model check).
@@ -342,10 +415,11 @@ fn push_call(
     chunk_keys: usize,
 ) {
     let function = match change {
-        Change::Upsert { .. } => FN_UPSERT,
-        Change::Touch { .. } => FN_TOUCH,
-        Change::Delete { .. } => FN_DELETE,
-    };
+        Change::Upsert { .. } => DocFn::Upsert,
+        Change::Touch { .. } => DocFn::Touch,
+        Change::Delete { .. } => DocFn::Delete,
+    }
+    .name(store.storage);
     let key = change.key();
     let writer = store.writer();
     let cmd = pipe
@@ -375,7 +449,7 @@ fn push_call(
                 .arg(*parent)
                 .arg(fields.len());
             for (k, v) in fields {
-                cmd.arg(*k).arg(*v);
+                cmd.arg(*k).arg(store.value(k, v).as_ref());
             }
         }
         Change::Upsert {
@@ -392,9 +466,9 @@ fn push_call(
                 Body::Whole { fields, vector } => {
                     cmd.arg(1).arg(0).arg(fields.len() + 1);
                     for (k, v) in fields {
-                        cmd.arg(*k).arg(*v);
+                        cmd.arg(*k).arg(store.value(k, v).as_ref());
                     }
-                    cmd.arg(&writer.vector_field).arg(vector_bytes(vector));
+                    cmd.arg(&writer.vector_field).arg(store.vector(vector));
                 }
                 Body::Chunks {
                     parent,
@@ -402,22 +476,23 @@ fn push_call(
                     chunks,
                 } => {
                     cmd.arg(chunks.len()).arg(shared.len() + 1);
-                    cmd.arg(&store.parent_field).arg(*parent);
+                    cmd.arg(&store.parent_field)
+                        .arg(store.value(b"", parent.as_bytes()).as_ref());
                     for (k, v) in shared {
-                        cmd.arg(*k).arg(*v);
+                        cmd.arg(*k).arg(store.value(k, v).as_ref());
                     }
                     for (n, c) in chunks.iter().enumerate() {
                         cmd.arg(5)
                             .arg(&store.text_field)
-                            .arg(c.text)
+                            .arg(store.value(b"", c.text.as_bytes()).as_ref())
                             .arg(CHUNK_FIELD)
-                            .arg(n)
+                            .arg(DocStore::count(n))
                             .arg(CHUNK_START_FIELD)
-                            .arg(c.chars.start)
+                            .arg(DocStore::count(c.chars.start))
                             .arg(CHUNK_END_FIELD)
-                            .arg(c.chars.end)
+                            .arg(DocStore::count(c.chars.end))
                             .arg(&writer.vector_field)
-                            .arg(vector_bytes(c.vector));
+                            .arg(store.vector(c.vector));
                     }
                 }
             }
@@ -430,6 +505,84 @@ fn push_call(
                 .arg(&writer.fingerprint);
         }
     }
+}
+
+/// A NUMERIC value as JSON number text: an integer as such, anything else as a float.
+fn json_number(value: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if let Ok(i) = text.parse::<i64>() {
+        return Some(i.to_string());
+    }
+    let f = crate::pipeline::entry::number(value)?;
+    serde_json::Number::from_f64(f).map(|n| n.to_string())
+}
+
+/// Reads `names` of each stored document in `keys` (one pipeline): decoded values, `None` where
+/// a field or the key is absent. On JSON each name is a top-level member.
+pub async fn read_fields(
+    conn: &mut MultiplexedConnection,
+    storage: Storage,
+    keys: &[String],
+    names: &[&str],
+) -> Result<Vec<Vec<Option<Vec<u8>>>>, RedisError> {
+    let mut pipe = ::redis::pipe();
+    for key in keys {
+        match storage {
+            Storage::Hash => {
+                pipe.cmd("HMGET").arg(key).arg(names);
+            }
+            Storage::Json => {
+                let cmd = pipe.cmd("JSON.GET").arg(key);
+                for n in names {
+                    cmd.arg(super::index::json_path(n));
+                }
+            }
+        }
+    }
+    let replies: Vec<Value> = pipe.query_async(conn).await?;
+    Ok(replies
+        .into_iter()
+        .map(|reply| match storage {
+            Storage::Hash => match reply {
+                Value::Array(values) => values
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::Nil => None,
+                        other => Some(super::reply::into_bytes(other)),
+                    })
+                    .collect(),
+                _ => vec![None; names.len()],
+            },
+            Storage::Json => json_members(&reply, names),
+        })
+        .collect())
+}
+
+/// The members `names` of a JSON.GET reply for their paths (one path: `[v]`; several:
+/// `{"<path>": [v], ...}`), strings as their text, other values as JSON text.
+fn json_members(reply: &Value, names: &[&str]) -> Vec<Option<Vec<u8>>> {
+    let parsed: Option<serde_json::Value> = match reply {
+        Value::BulkString(b) => serde_json::from_slice(b).ok(),
+        _ => None,
+    };
+    names
+        .iter()
+        .map(|n| {
+            let matches = match &parsed {
+                Some(serde_json::Value::Array(a)) if names.len() == 1 => a.first(),
+                Some(serde_json::Value::Object(o)) => o
+                    .get(&super::index::json_path(n))
+                    .and_then(|m| m.as_array())
+                    .and_then(|a| a.first()),
+                _ => None,
+            }?;
+            Some(match matches {
+                serde_json::Value::String(s) => s.clone().into_bytes(),
+                serde_json::Value::Null => return None,
+                other => other.to_string().into_bytes(),
+            })
+        })
+        .collect()
 }
 
 /// One FCALL's reply: its outcome, or an error that is not the document's own (the caller
@@ -570,17 +723,32 @@ mod tests {
             assert!(LIBRARY.contains(&format!("'{field}'")), "{field}");
         }
         assert!(LIBRARY.starts_with(&format!("#!lua name=embed_worker_v{LIBRARY_VERSION}\n")));
-        for f in [
-            FN_UPSERT,
-            FN_TOUCH,
-            FN_DELETE,
-            FN_ADOPT,
-            FN_REEMBED,
-            FN_RETIRE,
-            FN_LIBRARY_VERSION,
-        ] {
+        for f in [FN_ADOPT, FN_LIBRARY_VERSION] {
             assert!(f.ends_with(&format!("_v{LIBRARY_VERSION}")), "{f}");
             assert!(LIBRARY.contains(&format!("'{f}'")), "{f} is not registered");
+        }
+        // The document functions are registered in a loop, per storage.
+        assert!(LIBRARY.contains(&format!(
+            "redis.register_function('ew_' .. name .. '_v{LIBRARY_VERSION}'"
+        )));
+        assert!(LIBRARY.contains(&format!(
+            "redis.register_function('ew_json_' .. name .. '_v{LIBRARY_VERSION}'"
+        )));
+        assert!(!LIBRARY.contains("in pairs("), "no pairs() at load time");
+        for f in DocFn::ALL {
+            let hash = f.name(Storage::Hash);
+            let base = hash
+                .strip_prefix("ew_")
+                .and_then(|b| b.strip_suffix(&format!("_v{LIBRARY_VERSION}")))
+                .unwrap();
+            assert!(
+                LIBRARY.contains(&format!("both('{base}', {base})")),
+                "{base} is not registered"
+            );
+            assert_eq!(
+                f.name(Storage::Json),
+                format!("ew_json_{base}_v{LIBRARY_VERSION}")
+            );
         }
     }
 

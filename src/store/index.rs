@@ -5,7 +5,7 @@ use ::redis::Value;
 
 use super::connect::{Store, StoreError};
 use super::reply::{pairs, text};
-use crate::settings::IndexSettings;
+use crate::settings::{IndexSettings, Storage};
 
 /// The vector field facts an existing index must agree with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,28 +46,36 @@ pub fn create_args(
     parent: Option<&str>,
     dim: usize,
 ) -> Vec<String> {
+    let storage = settings.storage;
     let mut args: Vec<String> = vec![
         layout.name.to_string(),
         "ON".into(),
-        "HASH".into(),
+        match storage {
+            Storage::Hash => "HASH",
+            Storage::Json => "JSON",
+        }
+        .into(),
         "PREFIX".into(),
         "1".into(),
         settings.prefix.clone(),
         "SCHEMA".into(),
     ];
-    for field in &settings.schema {
-        args.extend(field.split_whitespace().map(str::to_string));
+    // A field is named by its identifier; on JSON that is a path, queried by the field's name.
+    let mut field = |name: &str, rest: &mut dyn Iterator<Item = String>| {
+        args.extend(named(storage, name, name));
+        args.extend(rest);
+    };
+    for f in &settings.schema {
+        let mut words = f.split_whitespace().map(str::to_string);
+        let name = words.next().unwrap_or_default();
+        field(&name, &mut words);
     }
     if let Some(parent) = parent.filter(|p| !declares(settings, p)) {
-        args.extend([parent.to_string(), "TAG".into()]);
+        field(parent, &mut ["TAG".to_string()].into_iter());
     }
     if layout.model_tag {
-        args.extend([
-            crate::store::documents::MODEL_FIELD.into(),
-            "TAG".into(),
-            "SEPARATOR".into(),
-            " ".into(),
-        ]);
+        let tag = ["TAG", "SEPARATOR", " "].map(str::to_string);
+        field(crate::store::documents::MODEL_FIELD, &mut tag.into_iter());
     }
     let algorithm = settings.algorithm.to_uppercase();
     let mut attrs: Vec<String> = vec![
@@ -86,13 +94,44 @@ pub fn create_args(
             settings.ef_construction.to_string(),
         ]);
     }
-    args.push(layout.vector_field.to_string());
-    if layout.vector_field != settings.vector_field {
-        args.extend(["AS".into(), settings.vector_field.clone()]);
-    }
+    args.extend(named(storage, layout.vector_field, &settings.vector_field));
     args.extend(["VECTOR".into(), algorithm, attrs.len().to_string()]);
     args.extend(attrs);
     args
+}
+
+/// The identifier of the stored field `name`: the hash field itself, or on JSON its path
+/// (`$.content`, or `$["embedding@3f2a..."]` for a name that is not a plain identifier).
+pub fn identifier(storage: Storage, name: &str) -> String {
+    match storage {
+        Storage::Hash => name.to_string(),
+        Storage::Json => json_path(name),
+    }
+}
+
+/// The JSONPath of the top-level member `name`.
+pub fn json_path(name: &str) -> String {
+    let plain = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if plain {
+        format!("$.{name}")
+    } else {
+        format!("$[{}]", serde_json::Value::String(name.to_string()))
+    }
+}
+
+/// A schema field's words before its type: the identifier, and `AS attribute` where the two
+/// differ (always on JSON; on a hash for another model's vector field).
+fn named(storage: Storage, stored: &str, attribute: &str) -> Vec<String> {
+    let id = identifier(storage, stored);
+    if id == attribute {
+        vec![id]
+    } else {
+        vec![id, "AS".into(), attribute.to_string()]
+    }
 }
 
 /// Whether `index.schema` declares a field of this name.
@@ -184,16 +223,20 @@ pub async fn ensure(
     };
     match info(conn, layout.name).await.map_err(|e| store.error(e))? {
         Some(existing) => {
-            let found = vector_spec(&existing, layout.vector_field);
+            let found = vector_spec(
+                &existing,
+                &identifier(settings.storage, layout.vector_field),
+            );
             match found {
                 Some(spec) if spec == wanted => {
                     if let Some(parent) = parent {
-                        if !field_names(&existing).iter().any(|f| f == parent) {
+                        let id = identifier(settings.storage, parent);
+                        if !field_names(&existing).iter().any(|f| *f == id) {
                             let _: () = ::redis::cmd("FT.ALTER")
                                 .arg(layout.name)
                                 .arg("SCHEMA")
                                 .arg("ADD")
-                                .arg(parent)
+                                .arg(named(settings.storage, parent, parent))
                                 .arg("TAG")
                                 .query_async(conn)
                                 .await
@@ -279,6 +322,34 @@ pub async fn drop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_json_every_field_is_a_path_queried_by_its_name() {
+        let mut s = crate::settings::Settings::load_from(None, Vec::new())
+            .unwrap()
+            .index;
+        s.storage = Storage::Json;
+        s.schema.push("year NUMERIC SORTABLE".into());
+        let args = create_args(&s, &Layout::first(&s), Some("parent"), 384).join(" ");
+        assert_eq!(
+            args,
+            "vector_idx ON JSON PREFIX 1 doc: SCHEMA $.content AS content TEXT $.genre AS genre TAG \
+             $.year AS year NUMERIC SORTABLE $.parent AS parent TAG $.embedding AS embedding VECTOR \
+             HNSW 10 TYPE FLOAT32 DIM 384 DISTANCE_METRIC L2 M 16 EF_CONSTRUCTION 200"
+        );
+        let next = Layout {
+            name: "vector_idx@bbb",
+            vector_field: "embedding@bbb",
+            model_tag: true,
+        };
+        let args = create_args(&s, &next, None, 384).join(" ");
+        assert!(
+            args.contains("$.__ew_model AS __ew_model TAG SEPARATOR   $[\"embedding@bbb\"] AS embedding VECTOR"),
+            "{args}"
+        );
+        assert_eq!(s.numeric_fields(), ["year"]);
+        assert_eq!(json_path("a b\""), r#"$["a b\""]"#);
+    }
 
     #[test]
     fn create_args_match_the_docs_page() {

@@ -13,4 +13,5 @@ mod model_identity;
 mod ops;
 mod reindex;
 mod reliability;
+mod storage;
 mod worker;
