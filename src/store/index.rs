@@ -231,7 +231,7 @@ pub async fn ensure(
                 Some(spec) if spec == wanted => {
                     if let Some(parent) = parent {
                         let id = identifier(settings.storage, parent);
-                        if !field_names(&existing).iter().any(|f| *f == id) {
+                        if !field_names(&existing).contains(&id) {
                             let _: () = ::redis::cmd("FT.ALTER")
                                 .arg(layout.name)
                                 .arg("SCHEMA")
