@@ -7,6 +7,7 @@ what they need.
 from __future__ import annotations
 
 import fnmatch
+import json
 import struct
 
 import pytest
@@ -41,9 +42,11 @@ WORKER_COMMANDS = {
 WORKER_PATTERNS = ["embed:*", "doc:*", "vector_idx", "vector_idx@*"]
 # What the functions run inside FCALL (ew_upsert, ew_touch, ew_delete, ew_adopt), each only on its
 # own keys: documents, tombstones, and the model record. The worker also reads the record with a
-# plain HGETALL at start-up.
+# plain HGETALL at start-up. With index.storage = "json" (ew_json_upsert, ew_json_touch,
+# ew_json_delete) a document is read with JSON.GET and written whole with JSON.SET; those never
+# run JSON.MERGE or JSON.DEL (a JSON touch always rewrites with JSON.SET).
 WORKER_SELECTORS = [
-    ({"hmget", "hgetall", "hkeys", "exists", "hset", "del"}, ["doc:*"]),
+    ({"hmget", "hgetall", "hkeys", "exists", "hset", "del", "json.get", "json.set"}, ["doc:*"]),
     ({"get", "set", "del"}, ["embed:tomb:*"]),
     ({"hmget", "hgetall", "exists", "hset"}, ["embed:index:*"]),
 ]
@@ -62,10 +65,12 @@ REINDEX_COMMANDS = {
     "multi", "exec", "ft.dropindex", "ft.aliasupdate",
 }
 REINDEX_PATTERNS = ["doc:*", "embed:index:*", "vector_idx", "vector_idx@*"]
-# Documents: read their text and version (HMGET), and inside ew_reembed / ew_retire add or remove
-# a model's vector. The record: read, name the next model, hold writers off, switch, forget the old.
+# Documents: read their text and version (HMGET; on JSON, JSON.GET key $.a $.b ...), and inside
+# ew_reembed / ew_retire add or remove a model's vector (on JSON: ew_json_reembed, ew_json_retire
+# with JSON.GET, JSON.MERGE, JSON.DEL). The record: read, name the next model, hold writers off,
+# switch, forget the old.
 REINDEX_SELECTORS = [
-    ({"hmget", "hget", "hset", "hdel"}, ["doc:*"]),
+    ({"hmget", "hget", "hset", "hdel", "json.get", "json.merge", "json.del"}, ["doc:*"]),
     ({"hgetall", "hmget", "hget", "hset", "hdel"}, ["embed:index:*"]),
 ]
 PRODUCER_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo", "xadd"}
@@ -80,6 +85,16 @@ FP1, FP2 = "0123456789abcdef", "fedcba9876543210"
 
 def vec(*xs: float) -> bytes:
     return struct.pack(f"<{len(xs)}f", *xs)
+
+
+def jvec(*xs: float) -> str:
+    """A vector as a JSON document stores it (src/store/documents.rs `vector`): an array of numbers."""
+    return json.dumps([float(x) for x in xs])
+
+
+def js(value: str) -> str:
+    """A field value as the JSON functions take it: JSON text (a string as a JSON string)."""
+    return json.dumps(value)
 
 
 def tomb(key: str) -> str:
@@ -102,6 +117,24 @@ def create_index(client: redis.Redis, name: str = INDEX, field: str = "embedding
     schema += ["VECTOR", "HNSW", "10", "TYPE", "FLOAT32", "DIM", str(DIM), "DISTANCE_METRIC", "L2",
                "M", "16", "EF_CONSTRUCTION", "200"]
     return client.execute_command("FT.CREATE", name, "ON", "HASH", "PREFIX", "1", PREFIX, "SCHEMA", *schema)
+
+
+def json_path(name: str) -> str:
+    """As src/store/index.rs `json_path`: $.name for a plain identifier, else $["name"]."""
+    plain = (name[:1].isascii() and (name[:1].isalpha() or name[:1] == "_")
+             and all(c.isascii() and (c.isalnum() or c == "_") for c in name))
+    return f"$.{name}" if plain else f"$[{json.dumps(name)}]"
+
+
+def create_json_index(client: redis.Redis, name: str = INDEX, field: str = "embedding", model_tag: bool = False):
+    """create_index with index.storage = "json": ON JSON, every field its path AS its name."""
+    schema = [json_path("content"), "AS", "content", "TEXT", json_path("genre"), "AS", "genre", "TAG",
+              json_path("parent"), "AS", "parent", "TAG"]
+    if model_tag:
+        schema += [json_path("__ew_model"), "AS", "__ew_model", "TAG", "SEPARATOR", " "]
+    schema += [json_path(field), "AS", "embedding", "VECTOR", "HNSW", "10", "TYPE", "FLOAT32", "DIM", str(DIM),
+               "DISTANCE_METRIC", "L2", "M", "16", "EF_CONSTRUCTION", "200"]
+    return client.execute_command("FT.CREATE", name, "ON", "JSON", "PREFIX", "1", PREFIX, "SCHEMA", *schema)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -472,3 +472,43 @@ pub async fn drain_in_process(
     .await
     .unwrap_or_else(|_| panic!("the in-process drain did not end within {within:?}"))
 }
+
+/// A stored document's fields as text, whatever the storage (a JSON number as its digits, the
+/// vector as its length in floats under "<field>#floats").
+pub fn document(
+    conn: &mut ::redis::Connection,
+    key: &str,
+    storage: &str,
+) -> std::collections::HashMap<String, String> {
+    match storage {
+        "hash" => {
+            let h: std::collections::HashMap<String, Vec<u8>> =
+                ::redis::cmd("HGETALL").arg(key).query(conn).unwrap();
+            h.into_iter()
+                .map(|(k, v)| {
+                    if v.len() == 1536 && k.starts_with("embedding") {
+                        (format!("{k}#floats"), "384".to_string())
+                    } else {
+                        (k, String::from_utf8_lossy(&v).into_owned())
+                    }
+                })
+                .collect()
+        }
+        _ => {
+            let text: Option<String> = ::redis::cmd("JSON.GET").arg(key).query(conn).unwrap();
+            let Some(text) = text else {
+                return std::collections::HashMap::new();
+            };
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            v.as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| match v {
+                    serde_json::Value::String(s) => (k.clone(), s.clone()),
+                    serde_json::Value::Array(a) => (format!("{k}#floats"), a.len().to_string()),
+                    other => (k.clone(), other.to_string()),
+                })
+                .collect()
+        }
+    }
+}

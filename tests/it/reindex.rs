@@ -10,8 +10,15 @@ use std::time::Duration;
 
 use crate::common::*;
 
-fn worker(server: &RedisServer, names: &Names, file: &str, consumer: &str) -> Child {
-    worker_cmd(server, names)
+/// The binary on `storage`.
+fn cmd(server: &RedisServer, names: &Names, storage: &str) -> std::process::Command {
+    let mut cmd = worker_cmd(server, names);
+    cmd.env("EMBED_WORKER__INDEX__STORAGE", storage);
+    cmd
+}
+
+fn worker(server: &RedisServer, names: &Names, storage: &str, file: &str, consumer: &str) -> Child {
+    cmd(server, names, storage)
         .env("EMBED_WORKER__MODEL__FILE", file)
         .env("EMBED_WORKER__STREAM__CONSUMER", consumer)
         .args(["run"])
@@ -60,7 +67,16 @@ fn stderr_of(child: &mut Child) -> String {
 }
 
 #[test]
-fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
+fn reindex_moves_fp32_to_int8_while_producers_and_queries_run_on_hash() {
+    moves_fp32_to_int8("hash");
+}
+
+#[test]
+fn reindex_moves_fp32_to_int8_while_producers_and_queries_run_on_json() {
+    moves_fp32_to_int8("json");
+}
+
+fn moves_fp32_to_int8(storage: &str) {
     let server = RedisServer::start();
     let names = docs_names();
     let mut conn = server.conn();
@@ -100,7 +116,7 @@ fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
         &names.stream,
         &[("id", "long"), ("content", &long), ("genre", "corpus")],
     );
-    let mut fleet = Fleet(vec![worker(&server, &names, "model.onnx", "fp32")]);
+    let mut fleet = Fleet(vec![worker(&server, &names, storage, "model.onnx", "fp32")]);
     assert!(
         wait_for(Duration::from_secs(120), || drained(&mut conn, &names)
             .then_some(()))
@@ -195,7 +211,7 @@ fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
     };
 
     // A reindex killed once it has begun resumes when run again.
-    let mut first = worker_cmd(&server, &names)
+    let mut first = cmd(&server, &names, storage)
         .args(["reindex", "--model-file", "model_int8.onnx"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -212,7 +228,7 @@ fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
     // Its pass can be shared out (--part I/N), then one run without --part catches up and
     // switches.
     for part in ["0/2", "1/2"] {
-        let out = run_ok(worker_cmd(&server, &names).args([
+        let out = run_ok(cmd(&server, &names, storage).args([
             "reindex",
             "--model-file",
             "model_int8.onnx",
@@ -230,9 +246,9 @@ fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
     // at once if the switch came first).
     fleet
         .0
-        .push(worker(&server, &names, "model_int8.onnx", "int8"));
+        .push(worker(&server, &names, storage, "model_int8.onnx", "int8"));
     let out =
-        run_ok(worker_cmd(&server, &names).args(["reindex", "--model-file", "model_int8.onnx"]));
+        run_ok(cmd(&server, &names, storage).args(["reindex", "--model-file", "model_int8.onnx"]));
     let said = String::from_utf8_lossy(&out.stdout);
     let progress = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("moved to"), "{said}\n{progress}");
@@ -286,15 +302,14 @@ fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
         "the long document is chunked: {keys:?}"
     );
     for key in &keys {
-        let (models, vector): (String, Option<Vec<u8>>) = ::redis::cmd("HMGET")
-            .arg(key)
-            .arg("__ew_model")
-            .arg(&field)
-            .query(&mut conn)
-            .map(|(m, v): (Option<String>, Option<Vec<u8>>)| (m.unwrap_or_default(), v))
-            .unwrap();
+        let doc = document(&mut conn, key, storage);
+        let models = doc.get("__ew_model").cloned().unwrap_or_default();
         assert!(models.split(' ').any(|m| m == int8), "{key}: {models}");
-        assert_eq!(vector.map(|v| v.len()), Some(1536), "{key}");
+        assert_eq!(
+            doc.get(&format!("{field}#floats")).map(String::as_str),
+            Some("384"),
+            "{key}: {doc:?}"
+        );
     }
     let info: HashMap<String, ::redis::Value> = ::redis::cmd("FT.INFO")
         .arg("vector_idx")
@@ -305,7 +320,7 @@ fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
 
     // search with int8 prints the docs' order; fp32 is refused for search and run.
     let out = run_ok(
-        worker_cmd(&server, &names)
+        cmd(&server, &names, storage)
             .env("EMBED_WORKER__MODEL__FILE", "model_int8.onnx")
             .args(["search", "--filter", "@genre:{persons|pets|weather}", QUERY]),
     );
@@ -328,7 +343,7 @@ fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
         assert!((d - expected).abs() < 3e-2, "{line}");
     }
     for args in [vec!["search", QUERY], vec!["run", "--drain"]] {
-        let out = worker_cmd(&server, &names).args(&args).output().unwrap();
+        let out = cmd(&server, &names, storage).args(&args).output().unwrap();
         assert!(!out.status.success(), "{args:?}");
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("model mismatch"),
@@ -338,23 +353,21 @@ fn reindex_moves_fp32_to_int8_while_producers_and_queries_run() {
 
     // A second run does nothing; --drop-old removes the fp32 vectors.
     let out =
-        run_ok(worker_cmd(&server, &names).args(["reindex", "--model-file", "model_int8.onnx"]));
+        run_ok(cmd(&server, &names, storage).args(["reindex", "--model-file", "model_int8.onnx"]));
     assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to move"));
-    run_ok(worker_cmd(&server, &names).args([
+    run_ok(cmd(&server, &names, storage).args([
         "reindex",
         "--model-file",
         "model_int8.onnx",
         "--drop-old",
     ]));
     for key in doc_keys(&mut conn) {
-        let (old, models): (Option<Vec<u8>>, String) = ::redis::cmd("HMGET")
-            .arg(&key)
-            .arg("embedding")
-            .arg("__ew_model")
-            .query(&mut conn)
-            .unwrap();
-        assert!(old.is_none(), "{key} still has the fp32 vector");
-        assert_eq!(models, int8, "{key}");
+        let doc = document(&mut conn, &key, storage);
+        assert!(
+            !doc.contains_key("embedding#floats"),
+            "{key} still has the fp32 vector"
+        );
+        assert_eq!(doc.get("__ew_model"), Some(&int8), "{key}");
     }
     assert!(!record(&mut conn).contains_key("old_fingerprint"));
     let indexes: Vec<String> = ::redis::cmd("FT._LIST").query(&mut conn).unwrap();

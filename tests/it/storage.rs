@@ -32,41 +32,6 @@ fn stored_as(cmd: &mut Command, storage: &str) {
     cmd.env("EMBED_WORKER__INDEX__STORAGE", storage);
 }
 
-/// A stored document's fields as text, whatever the storage (a JSON number as its digits, the
-/// vector as its length in floats under "<field>#floats").
-fn document(conn: &mut ::redis::Connection, key: &str, storage: &str) -> HashMap<String, String> {
-    match storage {
-        "hash" => {
-            let h: HashMap<String, Vec<u8>> = ::redis::cmd("HGETALL").arg(key).query(conn).unwrap();
-            h.into_iter()
-                .map(|(k, v)| {
-                    if v.len() == 1536 && k.starts_with("embedding") {
-                        (format!("{k}#floats"), "384".to_string())
-                    } else {
-                        (k, String::from_utf8_lossy(&v).into_owned())
-                    }
-                })
-                .collect()
-        }
-        _ => {
-            let text: Option<String> = ::redis::cmd("JSON.GET").arg(key).query(conn).unwrap();
-            let Some(text) = text else {
-                return HashMap::new();
-            };
-            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-            v.as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| match v {
-                    serde_json::Value::String(s) => (k.clone(), s.clone()),
-                    serde_json::Value::Array(a) => (format!("{k}#floats"), a.len().to_string()),
-                    other => (k.clone(), other.to_string()),
-                })
-                .collect()
-        }
-    }
-}
-
 fn docs_example(storage: &str) {
     let server = RedisServer::start();
     let names = docs_names();
