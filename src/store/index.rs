@@ -179,6 +179,17 @@ fn is_unknown_index(e: &::redis::RedisError) -> bool {
     (text.contains("unknown") && text.contains("index name")) || text.contains("no such index")
 }
 
+/// What an index indexes, from FT.INFO's index_definition: "HASH" or "JSON".
+pub fn key_type(info: &[(String, Value)]) -> Option<String> {
+    let (_, definition) = info
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("index_definition"))?;
+    pairs(definition)
+        .into_iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("key_type"))
+        .map(|(_, v)| text(&v))
+}
+
 /// Reads the vector field's spec from an FT.INFO reply.
 pub fn vector_spec(info: &[(String, Value)], field: &str) -> Option<VectorSpec> {
     let attributes = info
@@ -223,6 +234,24 @@ pub async fn ensure(
     };
     match info(conn, layout.name).await.map_err(|e| store.error(e))? {
         Some(existing) => {
+            let wanted_type = match settings.storage {
+                Storage::Hash => "HASH",
+                Storage::Json => "JSON",
+            };
+            if let Some(kind) = key_type(&existing).filter(|k| !k.eq_ignore_ascii_case(wanted_type))
+            {
+                return Err(StoreError::Setup {
+                    url: store.url.clone(),
+                    message: format!(
+                        "index {:?} indexes {kind} documents but index.storage is {:?}. Fix: set \
+                         index.storage (EMBED_WORKER__INDEX__STORAGE) to {:?}, or use a new \
+                         index.name and index.prefix for the other storage",
+                        layout.name,
+                        wanted_type.to_lowercase(),
+                        kind.to_lowercase()
+                    ),
+                });
+            }
             let found = vector_spec(
                 &existing,
                 &identifier(settings.storage, layout.vector_field),

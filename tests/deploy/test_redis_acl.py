@@ -329,6 +329,89 @@ def test_worker_uses_the_index_a_reindex_made(redis_server):
     assert worker.execute_command("FT.SEARCH", INDEX, "*", "NOCONTENT")["total_results"] == 0
 
 
+def test_worker_can_run_the_json_pipeline(redis_server):
+    # index.storage = "json": the same pipeline through ew_json_upsert_v4, ew_json_touch_v4 and
+    # ew_json_delete_v4, whose arguments are JSON text (field values as JSON strings, vectors as
+    # arrays), on RedisJSON documents, as the embed-worker user.
+    admin = redis_server.client()
+    admin.flushall()
+    worker = login(redis_server, "embed-worker")
+    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v4"
+    worker.fcall("ew_adopt_v4", 1, RECORD, FP1, "all-MiniLM-L6-v2", INDEX, "embedding")
+    assert create_json_index(worker)
+    entries = ["1-0", "2-0", "3-0"]
+
+    with worker.pipeline(transaction=False) as pipe:  # as the worker writes: no MULTI
+        for i, entry in enumerate(entries):
+            pipe.fcall("ew_json_upsert_v4", 4, *doc_keys(f"{PREFIX}{i}"), "0", entry, FP1, f"digest{i}", "1", "0",
+                       "3", "content", js(f"doc {i}"), "genre", js("g"), "embedding", jvec(i, 0, 0, 0))
+        assert pipe.execute() == ["written"] * 3
+    assert admin.type(f"{PREFIX}0") == "ReJSON-RL"
+    assert json.loads(admin.execute_command("JSON.GET", f"{PREFIX}1", "$")) == [{
+        "__ew_version": "0", "__ew_entry": "2-0", "__ew_model": FP1, "__ew_digest": "digest1",
+        "content": "doc 1", "genre": "g", "embedding": [1.0, 0.0, 0.0, 0.0]}]
+    # A writer of another model is refused (JSON.GET of the stored version, then the record).
+    assert worker.fcall("ew_json_upsert_v4", 4, *doc_keys(f"{PREFIX}0"), "0", "3-0", FP2, "d", "1", "0", "1",
+                        "content", js("x")) == f"model {FP1}"
+    # ew_json_touch: JSON.GET, EXISTS, the record's HMGET, then the whole document in one JSON.SET.
+    assert worker.fcall("ew_json_touch_v4", 4, *doc_keys(f"{PREFIX}0"), "1", entries[0], FP1, "digest0",
+                        "content", "parent", "0", "2", "content", js("doc 0"), "genre", js("h")) == "unchanged"
+    assert json.loads(admin.execute_command("JSON.GET", f"{PREFIX}0", "$.genre", "$.__ew_version", "$.embedding")) \
+        == {"$.genre": ["h"], "$.__ew_version": ["1"], "$.embedding": [[0.0, 0.0, 0.0, 0.0]]}
+    assert worker.fcall("ew_json_touch_v4", 4, *doc_keys(f"{PREFIX}1"), "1", entries[1], FP1, "other digest",
+                        "content", "parent", "1", "1", "content", js("new text")) == "changed"
+    assert worker.fcall("ew_json_touch_v4", 4, *doc_keys(f"{PREFIX}8"), "1", entries[1], FP1, "d", "content",
+                        "parent", "8", "1", "content", js("never written")) == "changed"
+    # A document of two chunks: doc:7#0 and doc:7#1, each with the shared parent field.
+    long_key = f"{PREFIX}7"
+    chunk = lambda n: ["5", "content", js(f"part {n}"), "chunk", js(str(n)), "chunk_start", js("0"),
+                       "chunk_end", js("4"), "embedding", jvec(n, 1, 0, 0)]
+    assert worker.fcall("ew_json_upsert_v4", 5, *doc_keys(long_key, 2), "0", entries[1], FP1, "digest7",
+                        "2", "1", "parent", js("7"), *chunk(0), *chunk(1)) == "written"
+    assert admin.exists(long_key) == 0
+    assert worker.fcall("ew_json_touch_v4", 4, *doc_keys(long_key), "1", entries[1], FP1, "digest7", "content",
+                        "parent", "7", "2", "content", js("part 0 part 1"), "genre", js("h")) == "keys 2"
+    assert worker.fcall("ew_json_touch_v4", 5, *doc_keys(long_key, 2), "1", entries[1], FP1, "digest7", "content",
+                        "parent", "7", "2", "content", js("part 0 part 1"), "genre", js("h")) == "unchanged"
+    assert json.loads(admin.execute_command("JSON.GET", f"{long_key}#1", "$.content", "$.genre", "$.chunk",
+                                            "$.__ew_version", "$.embedding")) == {
+        "$.content": ["part 1"], "$.genre": ["h"], "$.chunk": ["1"], "$.__ew_version": ["1"],
+        "$.embedding": [[1.0, 1.0, 0.0, 0.0]]}
+    res = worker.execute_command(
+        "FT.SEARCH", INDEX, "*=>[KNN 2 @embedding $q AS score]", "PARAMS", "2", "q", vec(0, 0, 0, 0),
+        "SORTBY", "score", "RETURN", "1", "score", "DIALECT", "2",
+    )
+    assert [r["id"] for r in res["results"]] == [f"{PREFIX}0", f"{PREFIX}1"]
+    # ew_json_delete: JSON.GET, DEL, the tombstone's SET.
+    assert worker.fcall("ew_json_delete_v4", 4, *doc_keys(long_key), "1", entries[2], "60000", FP1) == "keys 2"
+    assert worker.fcall("ew_json_delete_v4", 5, *doc_keys(long_key, 2), "1", entries[2], "60000", FP2) \
+        == f"model {FP1}"
+    assert worker.fcall("ew_json_delete_v4", 5, *doc_keys(long_key, 2), "1", entries[2], "60000", FP1) == "deleted"
+    assert admin.exists(long_key, f"{long_key}#0", f"{long_key}#1") == 0
+    assert worker.fcall("ew_json_delete_v4", 4, *doc_keys(f"{PREFIX}9"), "0", entries[2], "60000", FP1) == "absent"
+    assert admin.get(tomb(f"{PREFIX}9")) == f"0 {entries[2]}"
+    # A late upsert of an older version loses to the tombstone.
+    assert worker.fcall("ew_json_upsert_v4", 4, *doc_keys(f"{PREFIX}9"), "0", "2-0", FP1, "d", "1", "0", "1",
+                        "content", js("late")) == "superseded"
+
+
+def test_worker_functions_run_only_the_json_commands_granted(redis_server):
+    # The ACL holds inside FCALL too: ew_json_reembed_v4 (the reindex's, JSON.MERGE) called as the
+    # worker stops at its JSON.MERGE, which the worker is not granted, and writes nothing.
+    admin = redis_server.client()
+    admin.flushall()
+    worker = login(redis_server, "embed-worker")
+    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v4"
+    worker.fcall("ew_adopt_v4", 1, RECORD, FP1, "model-a", INDEX, "embedding")
+    assert worker.fcall("ew_json_upsert_v4", 4, *doc_keys(f"{PREFIX}1"), "0", "1-0", FP1, "d1", "1", "0", "2",
+                        "content", js("one"), "embedding", jvec(1, 0, 0, 0)) == "written"
+    admin.hset(RECORD, mapping={"next_fingerprint": FP2, "next_vector_field": f"embedding@{FP2}"})
+    before = admin.execute_command("JSON.GET", f"{PREFIX}1", "$")
+    with pytest.raises(ResponseError, match="(?i)no permissions.*json.merge"):
+        worker.fcall("ew_json_reembed_v4", 2, f"{PREFIX}1", RECORD, "0", "1-0", FP2, jvec(0, 0, 1, 0))
+    assert admin.execute_command("JSON.GET", f"{PREFIX}1", "$") == before
+
+
 FORBIDDEN_FOR_WORKER = [
     ("FLUSHALL",),
     ("MULTI",),
@@ -374,6 +457,24 @@ FORBIDDEN_FOR_WORKER = [
     ("FT.CREATE", "vector_idx_other", "ON", "HASH", "PREFIX", "1", "doc:", "SCHEMA", "content", "TEXT"),
     ("FT.SEARCH", "other_idx", "*"),
     ("EVAL", "return 1", "0"),
+    # JSON: only JSON.GET and JSON.SET, only on documents.
+    ("JSON.DEL", "doc:1", "$.embedding"),
+    ("JSON.MERGE", "doc:1", "$", "{}"),
+    ("JSON.FORGET", "doc:1", "$.embedding"),
+    ("JSON.MGET", "doc:1", "doc:2", "$"),
+    ("JSON.MSET", "doc:1", "$", "{}"),
+    ("JSON.TYPE", "doc:1"),
+    ("JSON.NUMINCRBY", "doc:1", "$.n", "1"),
+    ("JSON.ARRAPPEND", "doc:1", "$.embedding", "0"),
+    ("JSON.CLEAR", "doc:1"),
+    ("JSON.SET", "other:1", "$", "{}"),
+    ("JSON.GET", "other:1"),
+    ("JSON.GET", RECORD),
+    ("JSON.SET", RECORD, "$", "{}"),
+    ("JSON.SET", "embed:tomb:{doc:1}", "$", "{}"),
+    ("JSON.GET", "embed:tomb:{doc:1}"),
+    ("JSON.SET", "embed:docs", "$", "{}"),
+    ("FT.CREATE", "other_idx", "ON", "JSON", "PREFIX", "1", "doc:", "SCHEMA", "$.content", "AS", "content", "TEXT"),
 ]
 
 
@@ -471,6 +572,84 @@ def test_reindex_user_can_run_a_whole_reindex(redis_server):
     assert reindex.execute_command("FT.DROPINDEX", later)
 
 
+def test_reindex_user_can_run_a_whole_json_reindex(redis_server):
+    # The same reindex with index.storage = "json": SCAN ... TYPE ReJSON-RL, the reads as
+    # JSON.GET key $.a $.b ... (src/store/documents.rs read_fields), ew_json_reembed_v4 (JSON.GET,
+    # JSON.MERGE) and ew_json_retire_v4 (JSON.GET, JSON.DEL, JSON.MERGE), as embed-reindex.
+    admin = redis_server.client()
+    admin.flushall()
+    worker = login(redis_server, "embed-worker")
+    reindex = login(redis_server, "embed-reindex")
+    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v4"
+    worker.fcall("ew_adopt_v4", 1, RECORD, FP1, "model-a", INDEX, "embedding")
+    assert create_json_index(worker)
+    assert worker.fcall("ew_json_upsert_v4", 4, *doc_keys(f"{PREFIX}1"), "0", "1-0", FP1, "d1", "1", "0", "2",
+                        "content", js("one"), "embedding", jvec(1, 0, 0, 0)) == "written"
+    chunk = lambda n: ["3", "content", js(f"part {n}"), "chunk", js(str(n)), "embedding", jvec(n, 1, 0, 0)]
+    assert worker.fcall("ew_json_upsert_v4", 5, *doc_keys(f"{PREFIX}2", 2), "0", "2-0", FP1, "d2", "2", "1",
+                        "parent", js("2"), *chunk(0), *chunk(1)) == "written"
+    # A hash under the prefix is not a JSON document: the scan passes it by.
+    admin.hset(f"{PREFIX}h", "content", "a hash")
+
+    assert reindex.fcall("ew_library_version_v4", 0) == "4"
+    assert reindex.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v4"
+    assert reindex.hgetall(RECORD)["fingerprint"] == FP1
+    assert reindex.execute_command("FT.INFO", INDEX)
+    nxt, field = f"{INDEX}@{FP2}", f"embedding@{FP2}"
+    assert create_json_index(reindex, nxt, field, model_tag=True)
+    assert reindex.hset(RECORD, mapping={"next_fingerprint": FP2, "next_model": "model-b", "next_index": nxt,
+                                         "next_vector_field": field, "state": "migrating"}) == 5
+    cursor, found = 0, []
+    while True:
+        cursor, keys = reindex.execute_command("SCAN", cursor, "MATCH", f"{PREFIX}*", "COUNT", 500,
+                                               "TYPE", "ReJSON-RL")
+        found += keys
+        if int(cursor) == 0:
+            break
+    assert sorted(found) == [f"{PREFIX}1", f"{PREFIX}2#0", f"{PREFIX}2#1"]
+    names = ["content", "__ew_version", "__ew_entry", "__ew_model"]
+    with reindex.pipeline(transaction=False) as pipe:
+        for key in found:
+            pipe.execute_command("JSON.GET", key, *map(json_path, names))
+        rows = [{n: json.loads(r)[json_path(n)][0] for n in names} for r in pipe.execute()]
+    assert {row["__ew_model"] for row in rows} == {FP1}
+    with reindex.pipeline(transaction=False) as pipe:
+        for key, row in zip(found, rows):
+            pipe.fcall("ew_json_reembed_v4", 2, key, RECORD, row["__ew_version"], row["__ew_entry"], FP2,
+                       jvec(0, 0, 1, 0))
+        assert pipe.execute() == ["written"] * 3
+    assert reindex.fcall("ew_json_reembed_v4", 2, f"{PREFIX}1", RECORD, "0", "0-1", FP2, jvec(0, 0, 1, 0)) \
+        == "changed"
+    assert json.loads(admin.execute_command("JSON.GET", f"{PREFIX}1", json_path(field), "$.__ew_model")) == {
+        json_path(field): [[0.0, 0.0, 1.0, 0.0]], "$.__ew_model": [f"{FP1} {FP2}"]}
+    res = reindex.execute_command("FT.SEARCH", nxt, f"-@__ew_model:{{{FP2}}}", "NOCONTENT", "LIMIT", 0, 500,
+                                  "DIALECT", 2)
+    assert res["total_results"] == 0
+    assert reindex.hset(RECORD, mapping={"writers": "", "state": "switching"}) == 0
+    with reindex.pipeline(transaction=True) as tx:
+        tx.execute_command("FT.DROPINDEX", INDEX)
+        tx.execute_command("FT.ALIASUPDATE", INDEX, nxt)
+        tx.hset(RECORD, mapping={"fingerprint": FP2, "model": "model-b", "index": nxt, "vector_field": field,
+                                 "writers": FP2, "old_fingerprint": FP1, "old_model": "model-a",
+                                 "old_index": INDEX, "old_vector_field": "embedding"})
+        tx.hdel(RECORD, "next_fingerprint", "next_model", "next_index", "next_vector_field", "state")
+        tx.execute()
+    res = worker.execute_command("FT.SEARCH", INDEX, "*=>[KNN 1 @embedding $q AS score]", "PARAMS", "2",
+                                 "q", vec(0, 0, 1, 0), "RETURN", "1", "score", "DIALECT", "2")
+    assert res["total_results"] == 1
+    # Drop old: ew_json_retire_v4 removes the previous model's vector (JSON.DEL) and its fingerprint
+    # from __ew_model (JSON.MERGE).
+    with reindex.pipeline(transaction=False) as pipe:
+        for key in found:
+            pipe.fcall("ew_json_retire_v4", 2, key, RECORD, "embedding", FP1)
+        assert pipe.execute() == ["retired"] * 3
+    assert reindex.fcall("ew_json_retire_v4", 2, f"{PREFIX}1", RECORD, "embedding", FP1) == "none"
+    assert reindex.fcall("ew_json_retire_v4", 2, f"{PREFIX}1", RECORD, field, FP2) == "current"
+    assert reindex.hdel(RECORD, "old_fingerprint", "old_model", "old_index", "old_vector_field") == 4
+    assert json.loads(admin.execute_command("JSON.GET", f"{PREFIX}1", "$.embedding", "$.__ew_model")) == {
+        "$.embedding": [], "$.__ew_model": [FP2]}
+
+
 FORBIDDEN_FOR_REINDEX = [
     ("FLUSHALL",),
     ("FLUSHDB",),
@@ -508,6 +687,26 @@ FORBIDDEN_FOR_REINDEX = [
     ("FT.DROPINDEX", "other_idx"),
     ("FT.CREATE", "other_idx", "ON", "HASH", "PREFIX", "1", "doc:", "SCHEMA", "content", "TEXT"),
     ("FT.SEARCH", "other_idx", "*"),
+    # JSON: only JSON.GET, JSON.MERGE and JSON.DEL, only on documents; never a whole-document
+    # write, nor the worker's JSON functions (their tombstone key is outside this user's patterns).
+    ("JSON.SET", "doc:1", "$", "{}"),
+    ("JSON.MSET", "doc:1", "$", "{}"),
+    ("JSON.MGET", "doc:1", "doc:2", "$"),
+    ("JSON.FORGET", "doc:1", "$.embedding"),
+    ("JSON.TYPE", "doc:1"),
+    ("JSON.ARRAPPEND", "doc:1", "$.embedding", "0"),
+    ("JSON.GET", RECORD),
+    ("JSON.MERGE", RECORD, "$", "{}"),
+    ("JSON.DEL", RECORD),
+    ("JSON.GET", "other:1"),
+    ("JSON.MERGE", "other:1", "$", "{}"),
+    ("JSON.GET", "embed:tomb:{doc:1}"),
+    ("FCALL", "ew_json_upsert_v4", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", FP2, "d",
+     "1", "0", "1", "content", '"x"'),
+    ("FCALL", "ew_json_touch_v4", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", FP2, "d",
+     "content", "parent", "1", "1", "content", '"x"'),
+    ("FCALL", "ew_json_delete_v4", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", "1000",
+     FP2),
 ]
 
 
