@@ -102,6 +102,7 @@ bench: model model-int8 build ## throughput, latency and memory against the embe
 	$(ENV) $(VENV)/bin/python bench/write_cost.py
 	$(ENV) $(VENV)/bin/python bench/unchanged.py
 	$(ENV) $(VENV)/bin/python bench/reindex.py
+	$(ENV) $(VENV)/bin/python bench/storage.py
 	$(ENV) $(VENV)/bin/python bench/bench.py --soak $(BENCH_SOAK)
 	$(VENV)/bin/python bench/plots.py
 
@@ -122,13 +123,16 @@ clean:
 	cargo clean
 	rm -rf $(VENV) $(MODEL_DIR) tests/clients/node/node_modules
 
-.PHONY: bench-chunks bench-memory bench-unchanged bench-reindex
+.PHONY: bench-chunks bench-memory bench-unchanged bench-reindex bench-storage
 
 bench-chunks: model build ## retrieval quality of long documents per chunk size and overlap (bench/out/chunk_quality.json)
 	$(ENV) $(VENV)/bin/python bench/chunk_quality.py
 
 bench-unchanged: model build ## an unchanged re-feed against the first pass, side by side (bench/out/unchanged.json)
 	$(ENV) $(VENV)/bin/python bench/unchanged.py
+
+bench-storage: model build ## hash against JSON storage: docs/s, bytes per document, KNN latency (bench/out/storage.json)
+	$(ENV) $(VENV)/bin/python bench/storage.py
 
 bench-reindex: model model-int8 build ## reindex fp32 -> int8: docs/s and Redis memory per document (bench/out/reindex.json)
 	$(ENV) $(VENV)/bin/python bench/reindex.py
