@@ -95,6 +95,7 @@ test: test-tools model model-int8 $(NODE_MODULES) ## every test: Rust unit + int
 	$(VENV)/bin/python bench/plots.py --smoke --out bench/out/smoke
 	# Skipping unchanged documents, in miniature (its 4x target is `make bench`'s).
 	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/unchanged.py --smoke --out bench/out/smoke/unchanged.json
+	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/storage.py --smoke --out bench/out/smoke/storage.json
 	$(ENV) $(VENV)/bin/python -m pytest -q tests/deploy
 
 bench: model model-int8 build ## throughput, latency and memory against the embedded Redis; the versioned write's cost; plots
@@ -111,6 +112,7 @@ bench-smoke: model build ## the benchmark in miniature (seconds), to keep it wor
 	$(VENV)/bin/python bench/plots.py --smoke --out bench/out/smoke
 	# Skipping unchanged documents, in miniature (its 4x target is `make bench`'s).
 	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/unchanged.py --smoke --out bench/out/smoke/unchanged.json
+	$(ENV) EMBED_WORKER_BIN=target/debug/embed-worker $(VENV)/bin/python bench/storage.py --smoke --out bench/out/smoke/storage.json
 
 fmt:
 	cargo fmt

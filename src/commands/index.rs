@@ -119,7 +119,8 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
                             );
                         }
                     }
-                    if let Some(spec) = index::vector_spec(&info, &current.vector_field) {
+                    let id = index::identifier(settings.index.storage, &current.vector_field);
+                    if let Some(spec) = index::vector_spec(&info, &id) {
                         println!(
                             "vector: {} DIM {} {}",
                             spec.data_type, spec.dim, spec.metric

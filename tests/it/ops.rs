@@ -489,7 +489,7 @@ fn metrics_logs_and_stats_account_for_every_entry() {
     for needle in [
         "length 9",
         "lag 1  pending 1",
-        "docs 5  indexing failures 0",
+        "hashes 5  indexing failures 0",
         "probe",
     ] {
         assert!(table.contains(needle), "{needle:?} not in\n{table}");

@@ -127,6 +127,10 @@ for i in range(1, len(res), 2):
         assert_eq!(kind, "ReJSON-RL");
     }
     assert_eq!(pending(&mut conn, &names), 0);
+    let mut info = worker_cmd(&server, &names);
+    stored_as(&mut info, storage);
+    let out = String::from_utf8(run_ok(info.args(["index", "info"])).stdout).unwrap();
+    assert!(out.contains("vector: FLOAT32 DIM 384 L2"), "{out}");
 }
 on_both!(the_docs_example_for_every_reader, docs_example);
 
