@@ -247,6 +247,15 @@ local function path(name)
   return '$[' .. cjson.encode(name) .. ']'
 end
 
+-- A JSON object's text from a flat name, raw value list.
+local function object(fields)
+  local members = {}
+  for i = 1, #fields, 2 do
+    members[#members + 1] = cjson.encode(fields[i]) .. ':' .. fields[i + 1]
+  end
+  return '{' .. table.concat(members, ',') .. '}'
+end
+
 local JSON = {
   get = function(key, names)
     local paths = {}
@@ -280,20 +289,12 @@ local JSON = {
   end,
   str = function(v) return cjson.encode(v) end,
   replace = function(key, fields)
-    local members = {}
-    for i = 1, #fields, 2 do
-      members[#members + 1] = cjson.encode(fields[i]) .. ':' .. fields[i + 1]
-    end
-    redis.call('JSON.SET', key, '$', '{' .. table.concat(members, ',') .. '}')
+    redis.call('JSON.SET', key, '$', object(fields))
   end,
   -- One JSON.MERGE: the Query Engine re-indexes a JSON document on every write command, so
   -- several members go in one (never null: a null member would be deleted).
   set = function(key, fields)
-    local members = {}
-    for i = 1, #fields, 2 do
-      members[#members + 1] = cjson.encode(fields[i]) .. ':' .. fields[i + 1]
-    end
-    redis.call('JSON.MERGE', key, '$', '{' .. table.concat(members, ',') .. '}')
+    redis.call('JSON.MERGE', key, '$', object(fields))
   end,
   del = function(key, name) return redis.call('JSON.DEL', key, path(name)) end,
   -- Always rewritten: the Query Engine re-indexes a JSON document on any write anyway.

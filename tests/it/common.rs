@@ -512,3 +512,30 @@ pub fn document(
         }
     }
 }
+
+/// tests/clients/redisvl_query.py against `index` (RedisVL reads the schema back with
+/// SearchIndex.from_existing) with `query` as the vector: its printed lines.
+pub fn redisvl_query(server: &RedisServer, index: &str, query: &[f32]) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(python())
+        .arg(root().join("tests/clients/redisvl_query.py"))
+        .args(["--url", &server.url(), "--index", index])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(
+        child.stdin.take().unwrap(),
+        "{}",
+        serde_json::to_string(query).unwrap()
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}

@@ -628,27 +628,7 @@ fn node_producer_and_redisvl_query() {
     run_ok(worker_cmd(&server, &names).args(["run", "--drain"]));
 
     let query = embed(&[QUERY]).pop().unwrap();
-    let mut child = Command::new(python())
-        .arg(root().join("tests/clients/redisvl_query.py"))
-        .args(["--url", &server.url(), "--index", &names.index])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(
-        child.stdin.take().unwrap(),
-        "{}",
-        serde_json::to_string(&query).unwrap()
-    )
-    .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_docs_search_lines(&String::from_utf8(out.stdout).unwrap());
+    assert_docs_search_lines(&redisvl_query(&server, &names.index, &query));
 }
 
 /// docs/OPERATIONS.md's configuration reference lists exactly the keys of config/default.toml,

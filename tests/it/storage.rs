@@ -2,8 +2,7 @@
 //! `"json"`), one body per scenario, parametrised by the storage.
 
 use std::collections::HashMap;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,27 +82,7 @@ for i in range(1, len(res), 2):
     }
 
     // 3. RedisVL reads the index's schema back (SearchIndex.from_existing) and answers the same.
-    let mut child = Command::new(python())
-        .arg(root().join("tests/clients/redisvl_query.py"))
-        .args(["--url", &server.url(), "--index", &names.index])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(
-        child.stdin.take().unwrap(),
-        "{}",
-        serde_json::to_string(&query).unwrap()
-    )
-    .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_docs_search_lines(&String::from_utf8(out.stdout).unwrap());
+    assert_docs_search_lines(&redisvl_query(&server, &names.index, &query));
 
     // 4. The document itself: on JSON, `JSON.GET doc:0` holds the vector as 384 numbers.
     let doc = document(&mut conn, "doc:0", storage);
