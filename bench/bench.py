@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -233,7 +234,9 @@ def latency(rd: Redis, texts: list[str], model_file: str, threads: int, rate: fl
     def listen() -> None:
         for msg in ps.listen():
             if msg["type"] == "pmessage" and msg["data"] == b"hset":
-                written.setdefault(msg["channel"].decode()[len("__keyspace@0__:"):], time.perf_counter())
+                key = msg["channel"].decode()[len("__keyspace@0__:"):]
+                # A long document's chunks (<key>#<n>) are written together, in one call.
+                written.setdefault(re.sub(r"#\d+$", "", key), time.perf_counter())
 
     t = threading.Thread(target=listen, daemon=True)
     t.start()
