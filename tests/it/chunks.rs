@@ -256,7 +256,48 @@ fn a_document_that_shrinks_leaves_one_key_and_a_delete_leaves_none() {
 }
 
 #[test]
-fn readers_never_see_chunks_of_two_versions_mixed() {
+fn readers_never_see_chunks_of_two_versions_mixed_on_hash() {
+    never_mixed("hash");
+}
+
+#[test]
+fn readers_never_see_chunks_of_two_versions_mixed_on_json() {
+    never_mixed("json");
+}
+
+/// `__ew_entry` and `__ew_chunks` of the hash or JSON document at `key` (None when absent).
+fn bookkeeping_cmd(pipe: &mut ::redis::Pipeline, storage: &str, key: &str) {
+    match storage {
+        "hash" => pipe
+            .cmd("HMGET")
+            .arg(key)
+            .arg("__ew_entry")
+            .arg("__ew_chunks"),
+        _ => pipe
+            .cmd("JSON.GET")
+            .arg(key)
+            .arg("$.__ew_entry")
+            .arg("$.__ew_chunks"),
+    };
+}
+
+fn bookkeeping(storage: &str, reply: ::redis::Value) -> Vec<Option<String>> {
+    match storage {
+        "hash" => ::redis::from_redis_value(reply).unwrap(),
+        _ => {
+            let Some(text) = ::redis::from_redis_value::<Option<String>>(reply).unwrap() else {
+                return vec![None, None];
+            };
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            ["$.__ew_entry", "$.__ew_chunks"]
+                .iter()
+                .map(|p| v[*p][0].as_str().map(str::to_string))
+                .collect()
+        }
+    }
+}
+
+fn never_mixed(storage: &'static str) {
     let server = RedisServer::start();
     let names = Names::new("mixed");
     let mut conn = server.conn();
@@ -283,12 +324,13 @@ fn readers_never_see_chunks_of_two_versions_mixed() {
                 let mut pipe = ::redis::pipe();
                 pipe.atomic();
                 for n in 0..12 {
-                    pipe.cmd("HMGET")
-                        .arg(format!("{key}#{n}"))
-                        .arg("__ew_entry")
-                        .arg("__ew_chunks");
+                    bookkeeping_cmd(&mut pipe, storage, &format!("{key}#{n}"));
                 }
-                let seen: Vec<Vec<Option<String>>> = pipe.query(&mut conn).unwrap();
+                let replies: Vec<::redis::Value> = pipe.query(&mut conn).unwrap();
+                let seen: Vec<Vec<Option<String>>> = replies
+                    .into_iter()
+                    .map(|r| bookkeeping(storage, r))
+                    .collect();
                 let present: Vec<&Vec<Option<String>>> =
                     seen.iter().filter(|r| r[0].is_some()).collect();
                 if let Some(first) = present.first() {
@@ -316,12 +358,13 @@ fn readers_never_see_chunks_of_two_versions_mixed() {
             ("EMBED_WORKER__CHUNK__SIZE", "64"),
             ("EMBED_WORKER__CHUNK__OVERLAP", "8"),
             ("EMBED_WORKER__STREAM__READ_COUNT", "1"),
+            ("EMBED_WORKER__INDEX__STORAGE", storage),
         ],
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let looks = watcher.join().expect("no mixed read");
     assert!(looks > 20, "the watcher saw the document {looks} times");
-    assert!(hash(&mut conn, &format!("{key}#0"))["content"].starts_with("Version 19 "));
+    assert!(document(&mut conn, &format!("{key}#0"), storage)["content"].starts_with("Version 19 "));
 }
 
 #[test]
