@@ -61,18 +61,21 @@ impl Fingerprint {
             )
             .as_bytes(),
         );
-        let digest = hash.finalize();
-        let id: String = digest
-            .iter()
-            .flat_map(|b| [b >> 4, b & 0xf])
-            .take(HEX_DIGITS)
-            .map(|n| char::from_digit(u32::from(n), 16).expect("a nibble"))
-            .collect();
         Self {
-            id,
+            id: hex(&hash.finalize(), HEX_DIGITS),
             name: format!("{} ({file}, {} dims)", config.name, config.dimension),
         }
     }
+}
+
+/// The first `digits` lowercase hex digits of `bytes` (a hash: the fingerprint, a text's digest).
+pub fn hex(bytes: &[u8], digits: usize) -> String {
+    bytes
+        .iter()
+        .flat_map(|b| [b >> 4, b & 0xf])
+        .take(digits)
+        .map(|n| char::from_digit(u32::from(n), 16).expect("a nibble"))
+        .collect()
 }
 
 fn hash_file(hash: &mut Sha256, path: &Path) -> std::io::Result<()> {

@@ -35,12 +35,7 @@ pub fn digest(rule: &str, text: &str) -> String {
     hash.update(rule.as_bytes());
     hash.update([0u8]);
     hash.update(text.as_bytes());
-    hash.finalize()
-        .iter()
-        .flat_map(|b| [b >> 4, b & 0xf])
-        .take(DIGEST_HEX)
-        .map(|n| char::from_digit(u32::from(n), 16).expect("a nibble"))
-        .collect()
+    crate::model::fingerprint::hex(&hash.finalize(), DIGEST_HEX)
 }
 
 pub async fn sifter(
