@@ -23,14 +23,14 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
-use ::redis::{RedisError, Value};
+use ::redis::RedisError;
 use anyhow::{bail, Context};
 
 use crate::model::Model;
 use crate::settings::Settings;
-use crate::settings::Storage;
 use crate::store::documents::{self, DocFn, DocStore, ENTRY_FIELD, MODEL_FIELD, VERSION_FIELD};
 use crate::store::generation::{self, Generation, Phase, Record};
+use crate::store::reindex::{glob_escape, lacking, scan, wait_indexed, write_vectors, Written};
 use crate::store::reply::text;
 use crate::store::{index, Store};
 
@@ -72,8 +72,6 @@ fn part_of(key: &str, n: u64) -> u64 {
     h % n
 }
 
-/// Keys per SCAN step, and per catch-up query.
-const SCAN_COUNT: usize = 500;
 /// Catch-up rounds run while workers write until fewer documents than this are left; the rest
 /// are done with writers held off (a pause in indexing, never in queries).
 const HOLD_BELOW: usize = 200;
@@ -96,6 +94,8 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
             batch: args.batch.max(1),
             key: generation::record_key(&settings.index.name),
             part: args.part,
+            store: store.clone(),
+            docs: DocStore::from_settings(&settings),
         };
         run.execute(&mut conn, args.drop_old)
             .await
@@ -114,6 +114,9 @@ struct Reindex<'a> {
     key: String,
     /// Only this part's pass (`--part`).
     part: Option<(u64, u64)>,
+    store: Store,
+    /// How vectors are stored (hash bytes or JSON arrays).
+    docs: DocStore,
 }
 
 /// Counts of one pass or catch-up round.
@@ -211,7 +214,7 @@ impl Reindex<'_> {
                 pass.had,
                 pass.changed
             );
-            wait_indexed(conn, &next.index).await?;
+            wait_indexed(conn, &next.index, PROGRESS_EVERY).await?;
             let mut rounds = 0;
             loop {
                 let round = self.catch_up(conn, &next).await?;
@@ -271,9 +274,8 @@ impl Reindex<'_> {
             index: format!("{}@{}", s.name, fp.id),
             vector_field: format!("{}@{}", s.vector_field, fp.id),
         };
-        let store = Store::new(&self.settings.redis)?;
         index::ensure(
-            &store,
+            &self.store,
             conn,
             s,
             &index::Layout {
@@ -285,20 +287,7 @@ impl Reindex<'_> {
             self.model.handle.dimension(),
         )
         .await?;
-        let _: () = ::redis::cmd("HSET")
-            .arg(&self.key)
-            .arg("next_fingerprint")
-            .arg(&next.fingerprint)
-            .arg("next_model")
-            .arg(&next.model)
-            .arg("next_index")
-            .arg(&next.index)
-            .arg("next_vector_field")
-            .arg(&next.vector_field)
-            .arg("state")
-            .arg("migrating")
-            .query_async(conn)
-            .await?;
+        generation::name_next(conn, &self.key, &next).await?;
         eprintln!(
             "reindex: moving {} from {} [{}] to {}: new index {} (vectors in {})",
             s.name,
@@ -403,7 +392,7 @@ impl Reindex<'_> {
             return Ok(());
         }
         let text_field = self.settings.stream.text_field.as_str();
-        let rows = documents::read_fields(
+        let rows = crate::store::reindex::read_fields(
             conn,
             self.settings.index.storage,
             keys,
@@ -443,11 +432,10 @@ impl Reindex<'_> {
                 .iter()
                 .map(|(k, v, e, _)| (k.to_string(), v.clone(), e.clone()))
                 .collect();
-            let store = DocStore::from_settings(self.settings);
-            let vectors = vectors.iter().map(|v| store.vector(v)).collect();
+            let vectors = vectors.iter().map(|v| self.docs.vector(v)).collect();
             *inflight = Some(tokio::spawn(write_vectors(
                 conn.clone(),
-                DocFn::Reembed.name(store.storage),
+                DocFn::Reembed.name(self.docs.storage),
                 self.key.clone(),
                 next.fingerprint.clone(),
                 rows,
@@ -459,14 +447,7 @@ impl Reindex<'_> {
 
     /// Holds every writer off: the document functions refuse all models from now on.
     async fn hold(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
-        let _: () = ::redis::cmd("HSET")
-            .arg(&self.key)
-            .arg("writers")
-            .arg("")
-            .arg("state")
-            .arg("switching")
-            .query_async(conn)
-            .await?;
+        generation::hold_writers(conn, &self.key).await?;
         eprintln!("reindex: writers held off for the last documents");
         Ok(())
     }
@@ -482,45 +463,13 @@ impl Reindex<'_> {
         let name = &self.settings.index.name;
         let mut tx = ::redis::pipe();
         tx.atomic();
-        if current.index == *name {
-            // The first model's index holds the name itself: it goes (its documents stay), and
-            // the name comes back at once as the alias.
-            if !self.is_alias(conn).await? {
-                tx.cmd("FT.DROPINDEX").arg(name).ignore();
-            }
-            tx.cmd("FT.ALIASUPDATE").arg(name).arg(&next.index).ignore();
-        } else {
-            tx.cmd("FT.ALIASUPDATE").arg(name).arg(&next.index).ignore();
+        // The first model's index holds the name itself: it goes (its documents stay), and the
+        // name comes back at once as the alias.
+        if current.index == *name && !self.is_alias(conn).await? {
+            tx.cmd("FT.DROPINDEX").arg(name).ignore();
         }
-        tx.cmd("HSET")
-            .arg(&self.key)
-            .arg("fingerprint")
-            .arg(&next.fingerprint)
-            .arg("model")
-            .arg(&next.model)
-            .arg("index")
-            .arg(&next.index)
-            .arg("vector_field")
-            .arg(&next.vector_field)
-            .arg("writers")
-            .arg(&next.fingerprint)
-            .arg("old_fingerprint")
-            .arg(&current.fingerprint)
-            .arg("old_model")
-            .arg(&current.model)
-            .arg("old_index")
-            .arg(&current.index)
-            .arg("old_vector_field")
-            .arg(&current.vector_field)
-            .ignore();
-        tx.cmd("HDEL")
-            .arg(&self.key)
-            .arg("next_fingerprint")
-            .arg("next_model")
-            .arg("next_index")
-            .arg("next_vector_field")
-            .arg("state")
-            .ignore();
+        tx.cmd("FT.ALIASUPDATE").arg(name).arg(&next.index).ignore();
+        generation::push_switch(&mut tx, &self.key, current, next);
         let () = tx.query_async(conn).await?;
         Ok(())
     }
@@ -580,74 +529,13 @@ impl Reindex<'_> {
                 break;
             }
         }
-        let _: () = ::redis::cmd("HDEL")
-            .arg(&self.key)
-            .arg("old_fingerprint")
-            .arg("old_model")
-            .arg("old_index")
-            .arg("old_vector_field")
-            .query_async(conn)
-            .await?;
+        generation::forget_old(conn, &self.key).await?;
         println!(
             "removed {} [{}]: its index {} and its vectors from {retired} hash(es)",
             old.model, old.fingerprint, old.index
         );
         Ok(())
     }
-}
-
-/// Waits until the Query Engine has scanned every existing key into `index` (a new index over
-/// existing documents fills in the background; until then it cannot say what lacks a vector).
-async fn wait_indexed(conn: &mut MultiplexedConnection, index: &str) -> Result<(), RedisError> {
-    let mut said = Instant::now();
-    loop {
-        let info = index::info(conn, index).await?.unwrap_or_default();
-        let get = |k: &str| {
-            info.iter()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| text(v))
-                .unwrap_or_default()
-        };
-        let percent: f64 = get("percent_indexed").parse().unwrap_or(0.0);
-        if get("indexing") == "0" || percent >= 1.0 {
-            return Ok(());
-        }
-        if said.elapsed() >= PROGRESS_EVERY {
-            said = Instant::now();
-            eprintln!(
-                "reindex: {index} is scanning the documents: {:.0}%",
-                percent * 100.0
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// A batch's `ew_reembed` calls, in flight while the next batch is embedded: their answers.
-type Written = tokio::task::JoinHandle<Result<Vec<String>, RedisError>>;
-
-/// Writes `vectors` to the hashes `rows` (key, version, entry ID read with the text).
-async fn write_vectors(
-    mut conn: MultiplexedConnection,
-    function: &'static str,
-    record: String,
-    fingerprint: String,
-    rows: Vec<(String, String, String)>,
-    vectors: Vec<Vec<u8>>,
-) -> Result<Vec<String>, RedisError> {
-    let mut pipe = ::redis::pipe();
-    for ((key, version, entry), vector) in rows.iter().zip(&vectors) {
-        pipe.cmd("FCALL")
-            .arg(function)
-            .arg(2)
-            .arg(key)
-            .arg(&record)
-            .arg(version)
-            .arg(entry)
-            .arg(&fingerprint)
-            .arg(vector.as_slice());
-    }
-    pipe.query_async(&mut conn).await
 }
 
 /// Waits for the write in flight, if any, and counts its answers.
@@ -673,70 +561,6 @@ async fn settle(
     Ok(())
 }
 
-/// How many hashes the next index finds without the next vector, and up to SCAN_COUNT of their
-/// keys from `offset`.
-async fn lacking(
-    conn: &mut MultiplexedConnection,
-    index: &str,
-    query: &str,
-    offset: usize,
-) -> Result<(u64, Vec<String>), RedisError> {
-    let reply: Value = ::redis::cmd("FT.SEARCH")
-        .arg(index)
-        .arg(query)
-        .arg("NOCONTENT")
-        .arg("LIMIT")
-        .arg(offset)
-        .arg(SCAN_COUNT)
-        .arg("DIALECT")
-        .arg(2)
-        .query_async(conn)
-        .await?;
-    let Value::Array(items) = reply else {
-        return Ok((0, Vec::new()));
-    };
-    let total = items
-        .first()
-        .map(text)
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(0);
-    Ok((total, items.iter().skip(1).map(text).collect()))
-}
-
-/// One SCAN step over the stored documents matching `pattern`: the next cursor and the keys.
-async fn scan(
-    conn: &mut MultiplexedConnection,
-    storage: Storage,
-    cursor: u64,
-    pattern: &str,
-) -> Result<(u64, Vec<String>), RedisError> {
-    ::redis::cmd("SCAN")
-        .arg(cursor)
-        .arg("MATCH")
-        .arg(pattern)
-        .arg("COUNT")
-        .arg(SCAN_COUNT)
-        .arg("TYPE")
-        .arg(match storage {
-            Storage::Hash => "hash",
-            Storage::Json => "ReJSON-RL",
-        })
-        .query_async(conn)
-        .await
-}
-
-/// `prefix` as a SCAN MATCH pattern that matches it literally.
-fn glob_escape(prefix: &str) -> String {
-    let mut out = String::with_capacity(prefix.len());
-    for c in prefix.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -757,11 +581,5 @@ mod tests {
             "{counts:?}"
         );
         assert_eq!(part_of("doc:7", 4), part_of("doc:7", 4));
-    }
-
-    #[test]
-    fn the_prefix_is_matched_literally() {
-        assert_eq!(glob_escape("doc:"), "doc:");
-        assert_eq!(glob_escape("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 }

@@ -199,11 +199,6 @@ impl DocStore {
         }
     }
 
-    /// A number the function stores as is (a chunk's number or span): its digits on both.
-    fn count(n: usize) -> String {
-        n.to_string()
-    }
-
     /// Sets who writes, once (start-up, after the model check).
     pub fn set_writer(&self, writer: Writer) {
         let _ = self.writer.set(writer);
@@ -486,11 +481,12 @@ fn push_call(
                             .arg(&store.text_field)
                             .arg(store.value(b"", c.text.as_bytes()).as_ref())
                             .arg(CHUNK_FIELD)
-                            .arg(DocStore::count(n))
+                            // Digits: the same text in a hash and a JSON number.
+                            .arg(n)
                             .arg(CHUNK_START_FIELD)
-                            .arg(DocStore::count(c.chars.start))
+                            .arg(c.chars.start)
                             .arg(CHUNK_END_FIELD)
-                            .arg(DocStore::count(c.chars.end))
+                            .arg(c.chars.end)
                             .arg(&writer.vector_field)
                             .arg(store.vector(c.vector));
                     }
@@ -515,74 +511,6 @@ fn json_number(value: &[u8]) -> Option<String> {
     }
     let f = crate::pipeline::entry::number(value)?;
     serde_json::Number::from_f64(f).map(|n| n.to_string())
-}
-
-/// Reads `names` of each stored document in `keys` (one pipeline): decoded values, `None` where
-/// a field or the key is absent. On JSON each name is a top-level member.
-pub async fn read_fields(
-    conn: &mut MultiplexedConnection,
-    storage: Storage,
-    keys: &[String],
-    names: &[&str],
-) -> Result<Vec<Vec<Option<Vec<u8>>>>, RedisError> {
-    let mut pipe = ::redis::pipe();
-    for key in keys {
-        match storage {
-            Storage::Hash => {
-                pipe.cmd("HMGET").arg(key).arg(names);
-            }
-            Storage::Json => {
-                let cmd = pipe.cmd("JSON.GET").arg(key);
-                for n in names {
-                    cmd.arg(super::index::json_path(n));
-                }
-            }
-        }
-    }
-    let replies: Vec<Value> = pipe.query_async(conn).await?;
-    Ok(replies
-        .into_iter()
-        .map(|reply| match storage {
-            Storage::Hash => match reply {
-                Value::Array(values) => values
-                    .into_iter()
-                    .map(|v| match v {
-                        Value::Nil => None,
-                        other => Some(super::reply::into_bytes(other)),
-                    })
-                    .collect(),
-                _ => vec![None; names.len()],
-            },
-            Storage::Json => json_members(&reply, names),
-        })
-        .collect())
-}
-
-/// The members `names` of a JSON.GET reply for their paths (one path: `[v]`; several:
-/// `{"<path>": [v], ...}`), strings as their text, other values as JSON text.
-fn json_members(reply: &Value, names: &[&str]) -> Vec<Option<Vec<u8>>> {
-    let parsed: Option<serde_json::Value> = match reply {
-        Value::BulkString(b) => serde_json::from_slice(b).ok(),
-        _ => None,
-    };
-    names
-        .iter()
-        .map(|n| {
-            let matches = match &parsed {
-                Some(serde_json::Value::Array(a)) if names.len() == 1 => a.first(),
-                Some(serde_json::Value::Object(o)) => o
-                    .get(&super::index::json_path(n))
-                    .and_then(|m| m.as_array())
-                    .and_then(|a| a.first()),
-                _ => None,
-            }?;
-            Some(match matches {
-                serde_json::Value::String(s) => s.clone().into_bytes(),
-                serde_json::Value::Null => return None,
-                other => other.to_string().into_bytes(),
-            })
-        })
-        .collect()
 }
 
 /// One FCALL's reply: its outcome, or an error that is not the document's own (the caller

@@ -34,6 +34,34 @@ pub struct Generation {
     pub vector_field: String,
 }
 
+/// A generation's fields in the record, after its prefix ("", "next_" or "old_").
+const MEMBERS: [&str; 4] = ["fingerprint", "model", "index", "vector_field"];
+
+impl Generation {
+    fn values(&self) -> [&str; 4] {
+        [
+            &self.fingerprint,
+            &self.model,
+            &self.index,
+            &self.vector_field,
+        ]
+    }
+
+    /// `HSET` arguments naming this generation under `prefix`.
+    fn hset_args(&self, prefix: &str) -> Vec<String> {
+        MEMBERS
+            .iter()
+            .zip(self.values())
+            .flat_map(|(m, v)| [format!("{prefix}{m}"), v.to_string()])
+            .collect()
+    }
+}
+
+/// The record's fields of the generation under `prefix`.
+fn member_names(prefix: &str) -> [String; 4] {
+    MEMBERS.map(|m| format!("{prefix}{m}"))
+}
+
 /// What a `reindex` is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -72,11 +100,12 @@ impl Record {
             .collect();
         let get = |k: &str| kv.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let generation = |p: &str| {
+            let [fingerprint, model, index, vector_field] = member_names(p).map(|n| get(&n));
             Some(Generation {
-                fingerprint: get(&format!("{p}fingerprint"))?,
-                model: get(&format!("{p}model")).unwrap_or_default(),
-                index: get(&format!("{p}index"))?,
-                vector_field: get(&format!("{p}vector_field"))?,
+                fingerprint: fingerprint?,
+                model: model.unwrap_or_default(),
+                index: index?,
+                vector_field: vector_field?,
             })
         };
         let phase = match get("state").as_deref() {
@@ -118,6 +147,59 @@ pub async fn load(
 ) -> Result<Option<Record>, RedisError> {
     let reply: Value = ::redis::cmd("HGETALL").arg(key).query_async(conn).await?;
     Ok(Record::parse(&reply))
+}
+
+/// Names `next` as the model a reindex moves the index to (phase: migrating).
+pub async fn name_next(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    next: &Generation,
+) -> Result<(), RedisError> {
+    ::redis::cmd("HSET")
+        .arg(key)
+        .arg(next.hset_args("next_"))
+        .arg("state")
+        .arg("migrating")
+        .query_async(conn)
+        .await
+}
+
+/// Holds every writer off (phase: switching): the document functions refuse all models.
+pub async fn hold_writers(conn: &mut MultiplexedConnection, key: &str) -> Result<(), RedisError> {
+    ::redis::cmd("HSET")
+        .arg(key)
+        .arg("writers")
+        .arg("")
+        .arg("state")
+        .arg("switching")
+        .query_async(conn)
+        .await
+}
+
+/// Adds to `tx` (a MULTI) the record's switch: `next` becomes the index's model and its only
+/// writer, `current` the old one, and the reindex's fields go.
+pub fn push_switch(tx: &mut ::redis::Pipeline, key: &str, current: &Generation, next: &Generation) {
+    tx.cmd("HSET")
+        .arg(key)
+        .arg(next.hset_args(""))
+        .arg("writers")
+        .arg(&next.fingerprint)
+        .arg(current.hset_args("old_"))
+        .ignore();
+    tx.cmd("HDEL")
+        .arg(key)
+        .arg(&member_names("next_")[..])
+        .arg("state")
+        .ignore();
+}
+
+/// Forgets the old model once its vectors are gone.
+pub async fn forget_old(conn: &mut MultiplexedConnection, key: &str) -> Result<(), RedisError> {
+    ::redis::cmd("HDEL")
+        .arg(key)
+        .arg(&member_names("old_")[..])
+        .query_async(conn)
+        .await
 }
 
 /// The record, created with `first` as the index's model when there is none (atomically: of

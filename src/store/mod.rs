@@ -9,6 +9,7 @@ pub mod documents;
 pub mod generation;
 pub mod index;
 pub mod query;
+pub mod reindex;
 pub mod reply;
 pub mod stream;
 
