@@ -539,3 +539,39 @@ pub fn redisvl_query(server: &RedisServer, index: &str, query: &[f32]) -> String
     );
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// XADDs the docs' three documents (ids 0..2, with their genres) to `stream`.
+pub fn xadd_docs(conn: &mut ::redis::Connection, stream: &str) {
+    for (i, (content, genre)) in DOCS.iter().enumerate() {
+        xadd(
+            conn,
+            stream,
+            &[
+                ("id", &i.to_string()),
+                ("content", content),
+                ("genre", genre),
+            ],
+        );
+    }
+}
+
+/// An index made by a default worker from one document, then `run --drain` with `key=value`,
+/// which must fail: the server, the names and that run's stderr.
+pub fn indexed_then_refused(tag: &str, key: &str, value: &str) -> (RedisServer, Names, String) {
+    let server = RedisServer::start();
+    let names = Names::new(tag);
+    xadd(
+        &mut server.conn(),
+        &names.stream,
+        &[("id", "0"), ("content", DOCS[0].0)],
+    );
+    run_ok(worker_cmd(&server, &names).args(["run", "--drain"]));
+    let out = worker_cmd(&server, &names)
+        .env(key, value)
+        .args(["run", "--drain"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{key}={value} should be refused");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (server, names, stderr)
+}

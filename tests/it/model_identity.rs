@@ -428,22 +428,8 @@ async fn an_unchanged_refeed_skips_the_model_but_replaces_fields_and_versions() 
 /// model.onnx exits non-zero with one line naming both and the fix.
 #[test]
 fn the_binary_refuses_another_model_in_one_line() {
-    let server = RedisServer::start();
-    let names = Names::new("bin");
-    let mut conn = server.conn();
-    xadd(
-        &mut conn,
-        &names.stream,
-        &[("id", "0"), ("content", DOCS[0].0)],
-    );
-    run_ok(worker_cmd(&server, &names).args(["run", "--drain"]));
-    let out = worker_cmd(&server, &names)
-        .env("EMBED_WORKER__MODEL__FILE", "model_int8.onnx")
-        .args(["run", "--drain"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (server, names, stderr) =
+        indexed_then_refused("bin", "EMBED_WORKER__MODEL__FILE", "model_int8.onnx");
     let line = stderr
         .lines()
         .find(|l| l.contains("model mismatch"))

@@ -80,17 +80,7 @@ fn moves_fp32_to_int8(storage: &str) {
     let server = RedisServer::start();
     let names = docs_names();
     let mut conn = server.conn();
-    for (i, (content, genre)) in DOCS.iter().enumerate() {
-        xadd(
-            &mut conn,
-            &names.stream,
-            &[
-                ("id", &i.to_string()),
-                ("content", content),
-                ("genre", genre),
-            ],
-        );
-    }
+    xadd_docs(&mut conn, &names.stream);
     for i in 0..150 {
         let text = format!(
             "Corpus line {i}: the committee reviewed budget item {}.",

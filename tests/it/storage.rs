@@ -35,17 +35,7 @@ fn docs_example(storage: &str) {
     let server = RedisServer::start();
     let names = docs_names();
     let mut conn = server.conn();
-    for (i, (content, genre)) in DOCS.iter().enumerate() {
-        xadd(
-            &mut conn,
-            &names.stream,
-            &[
-                ("id", &i.to_string()),
-                ("content", content),
-                ("genre", genre),
-            ],
-        );
-    }
+    xadd_docs(&mut conn, &names.stream);
     let mut run = worker_cmd(&server, &names);
     stored_as(&mut run, storage);
     run_ok(run.args(["run", "--drain"]));
@@ -393,22 +383,8 @@ on_both!(a_value_that_is_not_utf8, not_utf8);
 /// A worker whose storage is not the index's is refused at start-up, naming the fix.
 #[test]
 fn a_worker_on_the_other_storage_is_refused() {
-    let server = RedisServer::start();
-    let names = Names::new("mix");
-    let mut conn = server.conn();
-    xadd(
-        &mut conn,
-        &names.stream,
-        &[("id", "0"), ("content", DOCS[0].0)],
-    );
-    run_ok(worker_cmd(&server, &names).args(["run", "--drain"]));
-    let out = worker_cmd(&server, &names)
-        .env("EMBED_WORKER__INDEX__STORAGE", "json")
-        .args(["run", "--drain"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (_server, _names, err) =
+        indexed_then_refused("mix", "EMBED_WORKER__INDEX__STORAGE", "json");
     assert!(
         err.contains("indexes HASH documents but index.storage is \"json\""),
         "{err}"
