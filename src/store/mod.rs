@@ -1,6 +1,8 @@
 //! The store: every command the worker sends to Redis, and the parsing of every reply.
 //! Connections from the settings ([`connect`]), the stream and its group ([`stream`]), document
-//! writes and deletes ([`documents`]), the dead-letter stream read back ([`dead_letters`]), the FT index schema ([`index`]) and KNN queries ([`query`]).
+//! writes and deletes on hashes or JSON ([`documents`]), the index's model record
+//! ([`generation`]), the dead-letter stream read back ([`dead_letters`]), the FT index schema
+//! ([`index`]), KNN queries ([`query`]) and the reindex's walks and vector writes ([`reindex`]).
 //! (The external crate is spelled `::redis` inside this crate.)
 
 pub mod connect;
