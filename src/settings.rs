@@ -60,13 +60,58 @@ pub struct RedisSettings {
     /// Cap of the exponential reconnect delay.
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// One server or a Redis Cluster: detected from the URL's server, or forced.
+    pub cluster: ClusterMode,
+    /// Replicas that must hold a batch's document writes before its entries are acked (WAIT);
+    /// 0 = ack once the primary has them.
+    pub wait_replicas: u32,
+    /// How long one WAIT may take; a shortfall is retried, never acked.
+    #[serde(with = "humantime_serde")]
+    pub wait_timeout: Duration,
 }
+
+/// `redis.cluster`: "auto" asks the server (INFO cluster), `true` and `false` force it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterMode {
+    Auto,
+    Cluster,
+    Single,
+}
+
+impl<'de> Deserialize<'de> for ClusterMode {
+    /// A string or a boolean: environment values are parsed, so `true` arrives as a bool.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(true) => Ok(ClusterMode::Cluster),
+            Raw::Bool(false) => Ok(ClusterMode::Single),
+            Raw::Text(t) => match t.to_lowercase().as_str() {
+                "auto" => Ok(ClusterMode::Auto),
+                "true" => Ok(ClusterMode::Cluster),
+                "false" => Ok(ClusterMode::Single),
+                other => Err(serde::de::Error::custom(format!(
+                    "redis.cluster must be \"auto\", true or false, got {other:?}"
+                ))),
+            },
+        }
+    }
+}
+
+/// Most stream shards.
+pub const MAX_SHARDS: u32 = 1024;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StreamSettings {
-    /// Stream producers XADD to.
+    /// Stream producers XADD to; with `shards` > 1, the stem of the shards' keys.
     pub name: String,
+    /// Streams the documents are spread over (CRC32 of the id mod shards); 1 = `name` alone.
+    pub shards: u32,
     /// Consumer group shared by all workers.
     pub group: String,
     /// This worker's consumer name; empty = "<hostname>-<pid>".
@@ -323,6 +368,21 @@ impl Settings {
                 "redis.url must start with redis:// or rediss://, got {:?}",
                 redact_url(&self.redis.url)
             ));
+        }
+        if self.stream.shards == 0 || self.stream.shards > MAX_SHARDS {
+            return bad(format!(
+                "stream.shards must be 1 to {MAX_SHARDS}, got {}",
+                self.stream.shards
+            ));
+        }
+        if self.stream.shards > 1 && self.stream.name.contains('{') {
+            return bad(format!(
+                "stream.name {:?} holds a hash tag; with stream.shards > 1 each shard's key gets its own",
+                self.stream.name
+            ));
+        }
+        if self.redis.wait_replicas > 0 && self.redis.wait_timeout.is_zero() {
+            return bad("redis.wait_timeout must be > 0 when redis.wait_replicas is set (0 would block forever)".into());
         }
         if self.redis.tls_cert_file.is_empty() != self.redis.tls_key_file.is_empty() {
             return bad("redis.tls_cert_file and redis.tls_key_file go together".into());

@@ -22,7 +22,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use ::redis::RedisError;
 use anyhow::{bail, Context};
 
@@ -133,11 +133,7 @@ struct Tally {
 }
 
 impl Reindex<'_> {
-    async fn execute(
-        &mut self,
-        conn: &mut MultiplexedConnection,
-        drop_old: bool,
-    ) -> anyhow::Result<ExitCode> {
+    async fn execute(&mut self, conn: &mut Conn, drop_old: bool) -> anyhow::Result<ExitCode> {
         if documents::ensure_library(conn).await? {
             eprintln!("reindex: loaded the embed_worker function library");
         }
@@ -261,11 +257,7 @@ impl Reindex<'_> {
     }
 
     /// Creates the next model's index and names it in the record.
-    async fn begin(
-        &self,
-        conn: &mut MultiplexedConnection,
-        record: &Record,
-    ) -> anyhow::Result<Generation> {
+    async fn begin(&self, conn: &mut Conn, record: &Record) -> anyhow::Result<Generation> {
         let s = &self.settings.index;
         let fp = &self.model.fingerprint;
         let next = Generation {
@@ -303,7 +295,7 @@ impl Reindex<'_> {
     /// Every stored hash under the prefix, once (SCAN).
     async fn pass(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         next: &Generation,
         current: &Generation,
     ) -> anyhow::Result<Tally> {
@@ -348,11 +340,7 @@ impl Reindex<'_> {
 
     /// One round over the hashes the next index finds without the next model's vector: as many
     /// as it found when the round began (more written meanwhile wait for the next round).
-    async fn catch_up(
-        &self,
-        conn: &mut MultiplexedConnection,
-        next: &Generation,
-    ) -> anyhow::Result<Tally> {
+    async fn catch_up(&self, conn: &mut Conn, next: &Generation) -> anyhow::Result<Tally> {
         let mut tally = Tally::default();
         let query = format!("-@{MODEL_FIELD}:{{{}}}", next.fingerprint);
         let mut budget: Option<u64> = None;
@@ -382,7 +370,7 @@ impl Reindex<'_> {
     /// the last batch's write may still be in flight (`settle` it).
     async fn embed_keys(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         next: &Generation,
         keys: &[String],
         tally: &mut Tally,
@@ -446,7 +434,7 @@ impl Reindex<'_> {
     }
 
     /// Holds every writer off: the document functions refuse all models from now on.
-    async fn hold(&self, conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+    async fn hold(&self, conn: &mut Conn) -> Result<(), RedisError> {
         generation::hold_writers(conn, &self.key).await?;
         eprintln!("reindex: writers held off for the last documents");
         Ok(())
@@ -456,7 +444,7 @@ impl Reindex<'_> {
     /// MULTI: queries see the old index or the new one, never neither.
     async fn switch(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         current: &Generation,
         next: &Generation,
     ) -> Result<(), RedisError> {
@@ -475,7 +463,7 @@ impl Reindex<'_> {
     }
 
     /// Whether `index.name` is an alias (or gone) rather than the first model's index.
-    async fn is_alias(&self, conn: &mut MultiplexedConnection) -> Result<bool, RedisError> {
+    async fn is_alias(&self, conn: &mut Conn) -> Result<bool, RedisError> {
         let info = index::info(conn, &self.settings.index.name).await?;
         Ok(info.is_none_or(|i| {
             i.iter()
@@ -486,11 +474,7 @@ impl Reindex<'_> {
 
     /// Removes the previous model's index (unless it was the first, already gone at the switch)
     /// and its vector from every hash.
-    async fn drop_old(
-        &self,
-        conn: &mut MultiplexedConnection,
-        record: &Record,
-    ) -> anyhow::Result<()> {
+    async fn drop_old(&self, conn: &mut Conn, record: &Record) -> anyhow::Result<()> {
         let Some(old) = &record.old else {
             println!("no previous model's vectors to remove");
             return Ok(());

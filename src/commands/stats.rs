@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use ::redis::{RedisError, Value};
 use serde::Serialize;
 
@@ -87,10 +87,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
 }
 
 /// Reads everything `stats` shows.
-pub async fn collect(
-    conn: &mut MultiplexedConnection,
-    settings: &Settings,
-) -> Result<Stats, RedisError> {
+pub async fn collect(conn: &mut Conn, settings: &Settings) -> Result<Stats, RedisError> {
     let stream = &settings.stream.name;
     let dead = settings.dead_letter_stream();
     let group = stream::group_info(conn, stream, &settings.stream.group).await?;
@@ -137,7 +134,7 @@ pub async fn collect(
     })
 }
 
-async fn xlen(conn: &mut MultiplexedConnection, stream: &str) -> Result<u64, RedisError> {
+async fn xlen(conn: &mut Conn, stream: &str) -> Result<u64, RedisError> {
     ::redis::cmd("XLEN").arg(stream).query_async(conn).await
 }
 
@@ -150,7 +147,7 @@ fn string(kv: &[(String, Value)], key: &str) -> String {
 }
 
 async fn consumers(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
 ) -> Result<Vec<ConsumerStats>, RedisError> {

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use ::redis::{RedisError, Value};
 
 use crate::store::reply;
@@ -35,7 +35,7 @@ pub fn age(now_ms: u64, id: &str) -> Option<Duration> {
 /// answers from the PEL's radix tree without walking it); None when nothing is pending or the
 /// stream or group is gone.
 pub async fn oldest_pending_id(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
 ) -> Result<Option<String>, RedisError> {

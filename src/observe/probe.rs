@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use ::redis::Value;
 use tokio::task::JoinHandle;
 
@@ -72,7 +72,7 @@ pub fn spawn(
     metrics: Arc<Metrics>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut conn: Option<MultiplexedConnection> = None;
+        let mut conn: Option<Conn> = None;
         let mut ticker = tokio::time::interval(INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_error: Option<String> = None;
@@ -125,7 +125,7 @@ pub fn spawn(
 
 async fn check(
     store: &Store,
-    conn: &mut Option<MultiplexedConnection>,
+    conn: &mut Option<Conn>,
     target: &Target,
 ) -> Result<Round, ProbeError> {
     if conn.is_none() {

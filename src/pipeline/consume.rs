@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use tokio::sync::{mpsc, watch};
 
 use super::entry;
@@ -40,7 +40,7 @@ enum Source {
 
 pub async fn reader(
     ctx: Arc<Ctx>,
-    conn: MultiplexedConnection,
+    conn: Conn,
     upserts: mpsc::Sender<Vec<Doc>>,
     writes: mpsc::Sender<Vec<Write>>,
     stop: watch::Receiver<bool>,
@@ -180,7 +180,7 @@ impl ByteBudget {
 /// bounded whatever the entries' sizes, and a stream of short entries still fills a read. Only
 /// the first call blocks (for `block`).
 async fn read_bounded(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     g: &stream::GroupRef,
     cursor: &str,
     count: usize,
@@ -232,7 +232,7 @@ fn last_id(read: &Read) -> Option<String> {
 /// Returns what was read and whether it came from the new-entries read.
 async fn read_step(
     ctx: &Ctx,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     cursors: &mut Cursors,
     options: RunOptions,
 ) -> Result<(Read, bool), ::redis::RedisError> {

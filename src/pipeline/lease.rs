@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use tokio::sync::watch;
 
 use super::shared::{sleep_unless_stopped, Ctx};
@@ -113,7 +113,7 @@ impl Leases {
 pub async fn renewer(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
     let stop = ctx.leases.stopped.subscribe();
     let interval = ctx.settings.lease_renew_interval();
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<Conn> = None;
     let mut backoff = ctx.backoff();
     while sleep_unless_stopped(interval, &stop).await {
         let held = ctx.leases.held();

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use tokio::sync::{watch, Notify};
 
 use super::entry::EntryRules;
@@ -150,7 +150,7 @@ impl Ctx {
         &self,
         stop: &watch::Receiver<bool>,
         extra: Duration,
-    ) -> Result<Option<MultiplexedConnection>, WorkerError> {
+    ) -> Result<Option<Conn>, WorkerError> {
         let mut backoff = self.backoff();
         loop {
             match self.store.connect_with(extra).await {

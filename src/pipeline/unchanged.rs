@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
@@ -45,7 +45,7 @@ pub async fn sifter(
     writes: mpsc::Sender<Vec<Write>>,
 ) -> Result<(), WorkerError> {
     let never_stop = watch::channel(false).1;
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<Conn> = None;
     let mut backoff = ctx.backoff();
     while let Some(docs) = upserts.recv().await {
         let outcomes = loop {
@@ -107,7 +107,7 @@ pub async fn sifter(
 
 async fn touch(
     ctx: &Ctx,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     docs: &[Doc],
 ) -> Result<Vec<documents::Outcome>, ::redis::RedisError> {
     let changes: Vec<Change> = docs

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -241,7 +241,7 @@ async fn start_up(
     ctx: &Ctx,
     stop: &watch::Receiver<bool>,
     dimension: usize,
-) -> Result<Option<MultiplexedConnection>, WorkerError> {
+) -> Result<Option<Conn>, WorkerError> {
     let mut backoff = ctx.backoff();
     let mut said_waiting = false;
     loop {
@@ -276,11 +276,7 @@ async fn start_up(
 
 /// True when ready to run; false while a reindex to this worker's model has not switched yet.
 /// The model is checked before anything is written (the group, the index).
-async fn prepare_redis(
-    ctx: &Ctx,
-    conn: &mut MultiplexedConnection,
-    dimension: usize,
-) -> Result<bool, WorkerError> {
+async fn prepare_redis(ctx: &Ctx, conn: &mut Conn, dimension: usize) -> Result<bool, WorkerError> {
     let Some(generation) = check_model(ctx, conn).await? else {
         return Ok(false);
     };
@@ -328,10 +324,7 @@ async fn prepare_redis(
 /// The index's model against this worker's: the generation to write (its index and field),
 /// `None` to wait for a reindex, or the refusal. The first worker of an index records its
 /// model as the index's.
-async fn check_model(
-    ctx: &Ctx,
-    conn: &mut MultiplexedConnection,
-) -> Result<Option<Generation>, WorkerError> {
+async fn check_model(ctx: &Ctx, conn: &mut Conn) -> Result<Option<Generation>, WorkerError> {
     let key = generation::record_key(&ctx.settings.index.name);
     let s = &ctx.settings;
     // Read first, so a worker of another model is refused before it writes anything (the

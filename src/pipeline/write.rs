@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use tokio::sync::{mpsc, watch};
 
 use super::op::{AckWhy, Completion, DeadLetter, Delete, Embedded, Write};
@@ -23,7 +23,7 @@ pub async fn writer(
     mut jobs: mpsc::Receiver<Vec<Write>>,
 ) -> Result<(), WorkerError> {
     let never_stop = watch::channel(false).1;
-    let mut conn: Option<MultiplexedConnection> = None;
+    let mut conn: Option<Conn> = None;
     let mut backoff = ctx.backoff();
     while let Some(writes) = jobs.recv().await {
         if let Some(pause) = ctx.fault_pause_before_write {
@@ -102,11 +102,7 @@ impl Job {
         self.acks.extend(done.finish());
     }
 
-    async fn run(
-        &mut self,
-        ctx: &Ctx,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<(), ::redis::RedisError> {
+    async fn run(&mut self, ctx: &Ctx, conn: &mut Conn) -> Result<(), ::redis::RedisError> {
         let started = Instant::now();
         if !self.changes.is_empty() {
             self.apply_changes(ctx, conn).await?;
@@ -155,7 +151,7 @@ impl Job {
     async fn apply_changes(
         &mut self,
         ctx: &Ctx,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
     ) -> Result<(), ::redis::RedisError> {
         let text_field = ctx.settings.stream.text_field.as_str();
         let changes: Vec<Change> = self.changes.iter().map(|c| c.change(text_field)).collect();

@@ -1,12 +1,14 @@
 //! Connections from settings (URL, ACL user, password, TLS), and what each Redis error means
 //! for the caller: retry after a back-off, or stop.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
+use ::redis::cluster::{ClusterClient, ClusterConfig};
 use ::redis::{AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError};
 
-use crate::settings::{redact_url, RedisSettings};
+use super::cluster::Conn;
+use crate::settings::{redact_url, ClusterMode, RedisSettings};
 
 /// What a caller does about a Redis error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,9 +51,10 @@ pub fn classify(err: &RedisError) -> Disposition {
         return match code {
             // OOM: maxmemory reached; memory can come back (eviction, a bigger limit), and
             // exiting would only turn a full Redis into a crash-looping fleet.
-            "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY" | "OOM" => {
-                Disposition::Retry
-            }
+            // MOVED and ASK reach here only when the redirect could not be followed (the crate
+            // follows them): the slot map is changing, which is a reshard or a failover.
+            "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY" | "OOM"
+            | "MOVED" | "ASK" | "FAILOVER" | "WAITTIMEOUT" => Disposition::Retry,
             "NOAUTH" | "WRONGPASS" | "NOPERM" => Disposition::Stop,
             _ => Disposition::Stop,
         };
@@ -68,6 +71,15 @@ pub fn classify(err: &RedisError) -> Disposition {
     }
     match err.kind() {
         ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig => Disposition::Stop,
+        ErrorKind::Server(
+            ::redis::ServerErrorKind::Moved
+            | ::redis::ServerErrorKind::Ask
+            | ::redis::ServerErrorKind::TryAgain
+            | ::redis::ServerErrorKind::ClusterDown
+            | ::redis::ServerErrorKind::MasterDown
+            | ::redis::ServerErrorKind::ReadOnly,
+        ) => Disposition::Retry,
+        ErrorKind::Server(::redis::ServerErrorKind::CrossSlot) => Disposition::Stop,
         _ => Disposition::Retry,
     }
 }
@@ -76,6 +88,10 @@ pub fn classify(err: &RedisError) -> Disposition {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
+    /// The same server as the seed of a cluster client; None when `redis.cluster = false`.
+    cluster: Option<ClusterClient>,
+    /// Whether the server is a cluster: forced by the settings, or found on the first connect.
+    is_cluster: Arc<OnceLock<bool>>,
     /// The URL with any password masked, for messages.
     pub url: String,
     connect_timeout: Duration,
@@ -104,6 +120,7 @@ impl Store {
         }
         redis_info = redis_info.set_lib_name("embed-worker", env!("CARGO_PKG_VERSION"));
         info = info.set_redis_settings(redis_info);
+        let seed = info.clone();
 
         let tls = settings.url.starts_with("rediss://");
         if tls {
@@ -111,56 +128,115 @@ impl Store {
             // the first handshake panics. An Err means one is installed already: fine.
             let _ = ::rustls::crypto::ring::default_provider().install_default();
         }
-        let client =
-            if tls && (!settings.tls_ca_file.is_empty() || !settings.tls_cert_file.is_empty()) {
-                let read = |what: &'static str, path: &str| {
-                    std::fs::read(path).map_err(|source| StoreError::TlsFile {
-                        url: url.clone(),
-                        what,
-                        path: path.to_string(),
-                        source,
-                    })
-                };
-                let root_cert = if settings.tls_ca_file.is_empty() {
-                    None
-                } else {
-                    Some(read("CA file", &settings.tls_ca_file)?)
-                };
-                let client_tls = if settings.tls_cert_file.is_empty() {
-                    None
-                } else {
-                    Some(::redis::ClientTlsConfig {
-                        client_cert: read("client certificate", &settings.tls_cert_file)?,
-                        client_key: read("client key", &settings.tls_key_file)?,
-                    })
-                };
-                Client::build_with_tls(
-                    info,
-                    ::redis::TlsCertificates {
-                        client_tls,
-                        root_cert,
-                    },
-                )
-                .map_err(|e| setup(format!("TLS set-up: {e}")))?
-            } else {
-                if !tls && !settings.tls_ca_file.is_empty() {
-                    return Err(setup(
-                        "redis.tls_ca_file is set but the URL is not rediss://".into(),
-                    ));
-                }
-                Client::open(info).map_err(|e| setup(e.to_string()))?
+        let mut certificates = None;
+        let client = if tls
+            && (!settings.tls_ca_file.is_empty() || !settings.tls_cert_file.is_empty())
+        {
+            let read = |what: &'static str, path: &str| {
+                std::fs::read(path).map_err(|source| StoreError::TlsFile {
+                    url: url.clone(),
+                    what,
+                    path: path.to_string(),
+                    source,
+                })
             };
+            let root_cert = if settings.tls_ca_file.is_empty() {
+                None
+            } else {
+                Some(read("CA file", &settings.tls_ca_file)?)
+            };
+            let client_tls = if settings.tls_cert_file.is_empty() {
+                None
+            } else {
+                Some(::redis::ClientTlsConfig {
+                    client_cert: read("client certificate", &settings.tls_cert_file)?,
+                    client_key: read("client key", &settings.tls_key_file)?,
+                })
+            };
+            let certs = ::redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            };
+            certificates = Some(certs.clone());
+            Client::build_with_tls(info, certs).map_err(|e| setup(format!("TLS set-up: {e}")))?
+        } else {
+            if !tls && !settings.tls_ca_file.is_empty() {
+                return Err(setup(
+                    "redis.tls_ca_file is set but the URL is not rediss://".into(),
+                ));
+            }
+            Client::open(info).map_err(|e| setup(e.to_string()))?
+        };
+        let cluster = if settings.cluster == ClusterMode::Single {
+            None
+        } else {
+            let mut builder = ::redis::cluster::ClusterClientBuilder::new(vec![seed]);
+            if let Some(certs) = certificates {
+                builder = builder.certs(certs);
+            }
+            Some(
+                builder
+                    .build()
+                    .map_err(|e| setup(format!("cluster client: {e}")))?,
+            )
+        };
+        let is_cluster = Arc::new(OnceLock::new());
+        match settings.cluster {
+            ClusterMode::Auto => {}
+            ClusterMode::Cluster => drop(is_cluster.set(true)),
+            ClusterMode::Single => drop(is_cluster.set(false)),
+        }
         Ok(Self {
             client,
+            cluster,
+            is_cluster,
             url,
             connect_timeout: settings.connect_timeout,
             command_timeout: settings.command_timeout,
         })
     }
 
-    /// A new multiplexed connection whose replies may take up to `extra` beyond the command
-    /// timeout (for blocking reads).
-    pub async fn connect_with(&self, extra: Duration) -> Result<MultiplexedConnection, StoreError> {
+    /// Whether the server is a Redis Cluster (asked once, on the first connection, when the
+    /// settings leave it to "auto").
+    pub async fn is_cluster(&self) -> Result<bool, StoreError> {
+        if let Some(known) = self.is_cluster.get() {
+            return Ok(*known);
+        }
+        let mut c = self.connect_single(Duration::ZERO).await?;
+        let info: String = ::redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut c)
+            .await
+            .map_err(|e| self.error(e))?;
+        let found = info.lines().any(|l| l.trim() == "cluster_enabled:1");
+        if found {
+            tracing::info!(url = %self.url, "the server is a Redis Cluster node: routing by slot");
+        }
+        Ok(*self.is_cluster.get_or_init(|| found))
+    }
+
+    /// A new connection whose replies may take up to `extra` beyond the command timeout (for
+    /// blocking reads): multiplexed to the one server, or to every node of a cluster.
+    pub async fn connect_with(&self, extra: Duration) -> Result<Conn, StoreError> {
+        match (&self.cluster, self.is_cluster().await?) {
+            (Some(cluster), true) => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(self.connect_timeout)
+                    .set_response_timeout(self.command_timeout + extra);
+                cluster
+                    .get_async_connection_with_config(config)
+                    .await
+                    .map(Conn::Cluster)
+                    .map_err(|source| self.error(source))
+            }
+            _ => self.connect_single(extra).await.map(Conn::Single),
+        }
+    }
+
+    async fn connect_single(
+        &self,
+        extra: Duration,
+    ) -> Result<::redis::aio::MultiplexedConnection, StoreError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.command_timeout + extra));
@@ -170,7 +246,7 @@ impl Store {
             .map_err(|source| self.error(source))
     }
 
-    pub async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
+    pub async fn connect(&self) -> Result<Conn, StoreError> {
         self.connect_with(Duration::ZERO).await
     }
 

@@ -3,7 +3,7 @@
 //! entry's fields, as given, followed by exactly the [`DEAD_FIELDS`] block
 //! ([`super::stream::add_dead_letters`]); stripping that block gives the entry back byte for byte.
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use ::redis::{RedisError, Value};
 
 use super::reply::{bytes, text};
@@ -82,7 +82,7 @@ impl Filter {
 /// Every dead letter matching `filter`, oldest first, and the IDs of entries in the stream that
 /// are not dead letters embed-worker wrote (left alone by every operation).
 pub async fn scan(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     dead_stream: &str,
     filter: &Filter,
 ) -> Result<(Vec<DeadLetter>, Vec<String>), RedisError> {
@@ -136,7 +136,7 @@ pub async fn scan(
 /// in between leaves a dead letter that was also replayed: a duplicate (harmless: the newest
 /// version wins), never a loss. Returns the new entry IDs, in order.
 pub async fn replay(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     dead_stream: &str,
     letters: &[DeadLetter],
@@ -159,11 +159,7 @@ pub async fn replay(
 }
 
 /// XDEL these dead letters; returns how many were there.
-pub async fn delete(
-    conn: &mut MultiplexedConnection,
-    dead_stream: &str,
-    ids: &[&str],
-) -> Result<u64, RedisError> {
+pub async fn delete(conn: &mut Conn, dead_stream: &str, ids: &[&str]) -> Result<u64, RedisError> {
     let mut removed = 0;
     for chunk in ids.chunks(500) {
         let n: u64 = ::redis::cmd("XDEL")

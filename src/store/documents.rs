@@ -10,7 +10,7 @@ use std::fmt;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use ::redis::{RedisError, Value};
 
 use super::connect::{classify, Disposition};
@@ -329,7 +329,7 @@ pub type Outcome = Result<Applied, String>;
 /// it or stops, and a retry is safe because every change is version-checked (what was applied
 /// answers `Current`).
 pub async fn apply(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     store: &DocStore,
     changes: &[Change<'_>],
 ) -> Result<Vec<Outcome>, RedisError> {
@@ -359,7 +359,7 @@ enum Reply {
 }
 
 async fn apply_once(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     store: &DocStore,
     changes: &[Change<'_>],
 ) -> Result<Vec<Outcome>, RedisError> {
@@ -583,7 +583,7 @@ fn is_missing_function(err: &RedisError) -> bool {
 }
 
 /// Loads the function library unless the server already has this version. True if it loaded.
-pub async fn ensure_library(conn: &mut MultiplexedConnection) -> Result<bool, RedisError> {
+pub async fn ensure_library(conn: &mut Conn) -> Result<bool, RedisError> {
     let loaded: Result<String, RedisError> = ::redis::cmd("FCALL")
         .arg(FN_LIBRARY_VERSION)
         .arg(0)
@@ -597,7 +597,7 @@ pub async fn ensure_library(conn: &mut MultiplexedConnection) -> Result<bool, Re
     }
 }
 
-async fn load_library(conn: &mut MultiplexedConnection) -> Result<(), RedisError> {
+async fn load_library(conn: &mut Conn) -> Result<(), RedisError> {
     let _: String = ::redis::cmd("FUNCTION")
         .arg("LOAD")
         .arg("REPLACE")

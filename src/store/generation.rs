@@ -13,7 +13,7 @@
 //! The first worker of an index creates it (`ew_adopt`); every worker compares its model with
 //! it before it writes anything, and every document function checks `writers` as it writes.
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use ::redis::{RedisError, Value};
 
 use super::reply::{pairs, text};
@@ -141,20 +141,13 @@ impl Record {
 }
 
 /// The record, `None` when there is none.
-pub async fn load(
-    conn: &mut MultiplexedConnection,
-    key: &str,
-) -> Result<Option<Record>, RedisError> {
+pub async fn load(conn: &mut Conn, key: &str) -> Result<Option<Record>, RedisError> {
     let reply: Value = ::redis::cmd("HGETALL").arg(key).query_async(conn).await?;
     Ok(Record::parse(&reply))
 }
 
 /// Names `next` as the model a reindex moves the index to (phase: migrating).
-pub async fn name_next(
-    conn: &mut MultiplexedConnection,
-    key: &str,
-    next: &Generation,
-) -> Result<(), RedisError> {
+pub async fn name_next(conn: &mut Conn, key: &str, next: &Generation) -> Result<(), RedisError> {
     ::redis::cmd("HSET")
         .arg(key)
         .arg(next.hset_args("next_"))
@@ -165,7 +158,7 @@ pub async fn name_next(
 }
 
 /// Holds every writer off (phase: switching): the document functions refuse all models.
-pub async fn hold_writers(conn: &mut MultiplexedConnection, key: &str) -> Result<(), RedisError> {
+pub async fn hold_writers(conn: &mut Conn, key: &str) -> Result<(), RedisError> {
     ::redis::cmd("HSET")
         .arg(key)
         .arg("writers")
@@ -194,7 +187,7 @@ pub fn push_switch(tx: &mut ::redis::Pipeline, key: &str, current: &Generation, 
 }
 
 /// Forgets the old model once its vectors are gone.
-pub async fn forget_old(conn: &mut MultiplexedConnection, key: &str) -> Result<(), RedisError> {
+pub async fn forget_old(conn: &mut Conn, key: &str) -> Result<(), RedisError> {
     ::redis::cmd("HDEL")
         .arg(key)
         .arg(&member_names("old_")[..])
@@ -204,11 +197,7 @@ pub async fn forget_old(conn: &mut MultiplexedConnection, key: &str) -> Result<(
 
 /// The record, created with `first` as the index's model when there is none (atomically: of
 /// two workers starting at once on two models, one wins and the other is refused).
-pub async fn adopt(
-    conn: &mut MultiplexedConnection,
-    key: &str,
-    first: &Generation,
-) -> Result<Record, RedisError> {
+pub async fn adopt(conn: &mut Conn, key: &str, first: &Generation) -> Result<Record, RedisError> {
     let reply: Value = ::redis::cmd("FCALL")
         .arg(super::documents::FN_ADOPT)
         .arg(1)

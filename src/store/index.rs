@@ -1,6 +1,6 @@
 //! The FT index: created when missing, checked against the model when present.
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use ::redis::Value;
 
 use super::connect::{Store, StoreError};
@@ -162,7 +162,7 @@ pub fn field_names(info: &[(String, Value)]) -> Vec<String> {
 
 /// FT.INFO as a flat map of top-level keys; `None` when the index does not exist.
 pub async fn info(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     name: &str,
 ) -> Result<Option<Vec<(String, Value)>>, ::redis::RedisError> {
     let reply: Result<Value, _> = ::redis::cmd("FT.INFO").arg(name).query_async(conn).await;
@@ -221,7 +221,7 @@ pub fn vector_spec(info: &[(String, Value)], field: &str) -> Option<VectorSpec> 
 /// SCHEMA ADD, which indexes the documents already there in the background).
 pub async fn ensure(
     store: &Store,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     settings: &IndexSettings,
     layout: &Layout<'_>,
     parent: Option<&str>,
@@ -309,7 +309,7 @@ pub async fn ensure(
 /// The Query Engine's PARTIAL_INDEXED_DOCS: whether a write of fields outside every schema
 /// leaves the indexed document alone. `None` when it cannot be read (an older module, or an ACL
 /// user without FT.CONFIG).
-pub async fn partial_indexed_docs(conn: &mut MultiplexedConnection) -> Option<bool> {
+pub async fn partial_indexed_docs(conn: &mut Conn) -> Option<bool> {
     let reply: Value = ::redis::cmd("FT.CONFIG")
         .arg("GET")
         .arg("PARTIAL_INDEXED_DOCS")
@@ -336,7 +336,7 @@ pub async fn partial_indexed_docs(conn: &mut MultiplexedConnection) -> Option<bo
 
 /// Drops the index (documents stay unless `delete_docs`).
 pub async fn drop(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     name: &str,
     delete_docs: bool,
 ) -> Result<(), ::redis::RedisError> {

@@ -5,6 +5,7 @@
 //! ([`index`]), KNN queries ([`query`]) and the reindex's walks and vector writes ([`reindex`]).
 //! (The external crate is spelled `::redis` inside this crate.)
 
+pub mod cluster;
 pub mod connect;
 pub mod dead_letters;
 pub mod documents;

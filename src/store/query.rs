@@ -1,6 +1,6 @@
 //! KNN queries, as the docs page runs them.
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use ::redis::Value;
 
 use super::reply::{pairs, text};
@@ -30,7 +30,7 @@ pub fn vector_bytes(v: &[f32]) -> Vec<u8> {
 
 /// `FT.SEARCH index "<filter>=>[KNN k @field $vec AS vector_distance]"`, nearest first.
 pub async fn knn(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     index: &str,
     vector_field: &str,
     vector: &[f32],

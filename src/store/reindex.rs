@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use ::redis::{RedisError, Value};
 
 use super::index;
@@ -15,7 +15,7 @@ use crate::settings::Storage;
 /// Reads `names` of each stored document in `keys` (one pipeline): decoded values, `None` where
 /// a field or the key is absent. On JSON each name is a top-level member.
 pub async fn read_fields(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     storage: Storage,
     keys: &[String],
     names: &[&str],
@@ -86,7 +86,7 @@ pub const SCAN_COUNT: usize = 500;
 /// Waits until the Query Engine has scanned every existing key into `index` (a new index over
 /// existing documents fills in the background; until then it cannot say what lacks a vector).
 pub async fn wait_indexed(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     index: &str,
     progress_every: Duration,
 ) -> Result<(), RedisError> {
@@ -119,7 +119,7 @@ pub type Written = tokio::task::JoinHandle<Result<Vec<String>, RedisError>>;
 
 /// Writes `vectors` to the hashes `rows` (key, version, entry ID read with the text).
 pub async fn write_vectors(
-    mut conn: MultiplexedConnection,
+    mut conn: Conn,
     function: &'static str,
     record: String,
     fingerprint: String,
@@ -144,7 +144,7 @@ pub async fn write_vectors(
 /// How many hashes the next index finds without the next vector, and up to SCAN_COUNT of their
 /// keys from `offset`.
 pub async fn lacking(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     index: &str,
     query: &str,
     offset: usize,
@@ -173,7 +173,7 @@ pub async fn lacking(
 
 /// One SCAN step over the stored documents matching `pattern`: the next cursor and the keys.
 pub async fn scan(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     storage: Storage,
     cursor: u64,
     pattern: &str,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use ::redis::{RedisError, Value};
 
 use super::reply::{self, into_bytes, text, GroupInfo};
@@ -36,10 +36,7 @@ pub struct Read {
 
 /// XGROUP CREATE ... 0 MKSTREAM: the group starts at the beginning, so documents added before
 /// the first worker ran are indexed too. An existing group is fine.
-pub async fn ensure_group(
-    conn: &mut MultiplexedConnection,
-    g: &GroupRef,
-) -> Result<bool, RedisError> {
+pub async fn ensure_group(conn: &mut Conn, g: &GroupRef) -> Result<bool, RedisError> {
     let created: Result<(), RedisError> = ::redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&g.stream)
@@ -59,7 +56,7 @@ pub async fn ensure_group(
 /// pending ones (delivery counts looked up; one XPENDING cannot report is `unknown_deliveries`,
 /// see [`fill_deliveries`]).
 pub async fn read(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     g: &GroupRef,
     cursor: &str,
     count: usize,
@@ -107,7 +104,7 @@ pub async fn read(
 /// Returns the cursor to continue from ("0-0" when the scan wrapped). Delivery counts as in
 /// [`read`].
 pub async fn autoclaim(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     g: &GroupRef,
     min_idle: Duration,
     start: &str,
@@ -164,7 +161,7 @@ pub fn fill_deliveries(entries: &mut [RawEntry], counts: &HashMap<String, u64>, 
 /// one range query for this consumer, then one query per entry it did not report (a reply cut
 /// by COUNT, or an entry that moved to another consumer in between), for any consumer.
 async fn delivery_counts(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     g: &GroupRef,
     entries: &[RawEntry],
 ) -> Result<HashMap<String, u64>, RedisError> {
@@ -207,7 +204,7 @@ fn parse_pending_rows(reply: Value, counts: &mut HashMap<String, u64>) {
 
 /// XPENDING's extended form over the range of `entries`, this consumer only.
 async fn pending_counts(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     g: &GroupRef,
     entries: &[RawEntry],
 ) -> Result<HashMap<String, u64>, RedisError> {
@@ -234,7 +231,7 @@ async fn pending_counts(
 /// this consumer are renewed: one reclaimed while this worker was cut off stays with the
 /// consumer that took it (it is `lost`, and done twice, never lost). Returns (renewed, lost).
 pub async fn renew(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     g: &GroupRef,
     held: &[String],
 ) -> Result<(Vec<String>, Vec<String>), RedisError> {
@@ -288,7 +285,7 @@ pub async fn renew(
 /// `XCLAIM ... RETRYCOUNT n JUSTID`; used by the model watchdog so that entries that were only
 /// queued behind a stuck batch do not pay for it.
 pub async fn set_delivery_counts(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     g: &GroupRef,
     counts: &[(String, u64)],
 ) -> Result<(), RedisError> {
@@ -322,7 +319,7 @@ fn id_key(id: &str) -> (u64, u64) {
 
 /// The group's state from XINFO GROUPS; None when the stream or the group does not exist.
 pub async fn group_info(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     stream: &str,
     group: &str,
 ) -> Result<Option<GroupInfo>, RedisError> {
@@ -340,7 +337,7 @@ pub async fn group_info(
 
 /// Deletes consumers idle longer than `idle` that own no pending entries (never this one).
 pub async fn delete_idle_consumers(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     g: &GroupRef,
     idle: Duration,
 ) -> Result<Vec<String>, RedisError> {
@@ -415,11 +412,7 @@ fn parse_entries(entries: Value, read: &mut Read) {
 }
 
 /// XACK the given entry IDs.
-pub async fn ack(
-    conn: &mut MultiplexedConnection,
-    g: &GroupRef,
-    ids: &[String],
-) -> Result<u64, RedisError> {
+pub async fn ack(conn: &mut Conn, g: &GroupRef, ids: &[String]) -> Result<u64, RedisError> {
     if ids.is_empty() {
         return Ok(0);
     }
@@ -449,7 +442,7 @@ pub struct DeadLetterRecord<'a> {
 /// client's pipelined commands back to back as they arrive, so this is exact unless another
 /// worker's dead letters land in between (then theirs are counted here too, or ours missed).
 pub async fn add_dead_letters(
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     g: &GroupRef,
     dead_stream: &str,
     maxlen: u64,

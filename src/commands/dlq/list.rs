@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 use serde::Serialize;
 
 use super::{brief, select, FilterArgs};
@@ -66,7 +66,7 @@ impl From<&DeadLetter> for Listed {
 pub async fn run(
     settings: &Settings,
     store: &Store,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     args: Args,
 ) -> anyhow::Result<ExitCode> {
     let letters = select(settings, store, conn, &args.filter.filter()).await?;

@@ -8,7 +8,7 @@ pub mod replay;
 
 use std::process::ExitCode;
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 
 use crate::settings::Settings;
 use crate::store::dead_letters::{self, DeadLetter, Filter};
@@ -71,7 +71,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
 async fn select(
     settings: &Settings,
     store: &Store,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     filter: &Filter,
 ) -> anyhow::Result<Vec<DeadLetter>> {
     let dead_stream = settings.dead_letter_stream();

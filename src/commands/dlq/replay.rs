@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 
-use ::redis::aio::MultiplexedConnection;
+use crate::store::cluster::Conn;
 
 use super::{select, FilterArgs};
 use crate::settings::Settings;
@@ -24,7 +24,7 @@ pub struct Args {
 pub async fn run(
     settings: &Settings,
     store: &Store,
-    conn: &mut MultiplexedConnection,
+    conn: &mut Conn,
     args: Args,
 ) -> anyhow::Result<ExitCode> {
     let stream = &settings.stream.name;
