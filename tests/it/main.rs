@@ -2,6 +2,8 @@
 //! processes with the Query Engine and the real ONNX model.
 
 mod chunks;
+mod cluster_smoke;
+mod cluster_support;
 mod common;
 mod dlq;
 mod exposition;
