@@ -52,7 +52,7 @@ def record_key(index: str) -> str:
 def adopt(r, index: str) -> None:
     """Records FINGERPRINT as the index's model, as the first worker of an index does; without it
     ew_upsert refuses every write ("model none")."""
-    r.fcall("ew_adopt_v4", 1, record_key(index), FINGERPRINT, "bench", index, "embedding")
+    r.fcall("ew_adopt_v5", 1, record_key(index), FINGERPRINT, "bench", index, "embedding")
 
 
 def redis_cpu(r) -> float:
@@ -89,7 +89,7 @@ def write_docs(r, method: str, case: bench.Case, vectors: np.ndarray, entry_ms: 
                 # Library v4 (src/store/documents.lua). KEYS: the document, its tombstone, the
                 # model record, its chunk 0. ARGV: version, entry ID, the writer's fingerprint,
                 # the text's digest, 1 chunk, 0 shared pairs, then the chunk's 2 field pairs.
-                pipe.fcall("ew_upsert_v4", 4, key, f"embed:tomb:{{{key}}}", record, f"{key}#0",
+                pipe.fcall("ew_upsert_v5", 4, key, f"embed:tomb:{{{key}}}", record, f"{key}#0",
                            "0", f"{entry_ms}-{i}", FINGERPRINT, f"digest {entry_ms}-{i}", "1", "0", "2",
                            "content", f"document {i}", "embedding", blob)
         replies += pipe.execute()

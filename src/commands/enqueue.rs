@@ -48,6 +48,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
     };
     let store = Store::new(&settings.redis)?;
     let stream = settings.stream.name.clone();
+    let router = crate::store::shards::Router::new(&settings.stream);
     let progress = std::io::stderr().is_terminal();
     let (added, skipped) = super::runtime()?.block_on(async {
         let mut conn = store.connect().await?;
@@ -63,7 +64,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
             }
             match fields_of(&line) {
                 Ok(fields) => {
-                    let cmd = pipe.cmd("XADD").arg(&stream).arg("*");
+                    let cmd = pipe.cmd("XADD").arg(router.key_for(&fields)).arg("*");
                     for (k, v) in fields {
                         cmd.arg(k).arg(v);
                     }
@@ -105,7 +106,11 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
         }
         anyhow::Ok((added, skipped))
     })?;
-    eprintln!("enqueued {added} entries to {stream}; skipped {skipped} bad lines");
+    let shards = match settings.stream.shards {
+        1 => String::new(),
+        n => format!(" ({n} shards)"),
+    };
+    eprintln!("enqueued {added} entries to {stream}{shards}; skipped {skipped} bad lines");
     Ok(ExitCode::SUCCESS)
 }
 

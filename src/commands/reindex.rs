@@ -88,6 +88,16 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
     let store = Store::new(&settings.redis)?;
     super::runtime()?.block_on(async {
         let mut conn = store.connect().await?;
+        if conn.is_cluster() {
+            // The switch is one MULTI over the record, the index and its alias, and the document
+            // functions check the record on each write: neither holds across a cluster's slots.
+            anyhow::bail!(
+                "reindex does not run on a Redis Cluster yet ({}): the switch and the per-write \
+                 model check need the record and the documents on one node. Build the new index \
+                 with a second fleet writing to another index.name, then move readers to it",
+                store.url
+            );
+        }
         let mut run = Reindex {
             settings: &settings,
             model: &model,

@@ -21,13 +21,23 @@ pub struct Args {
 
 #[derive(Debug, Serialize)]
 pub struct Stats {
+    /// `stream.name`, with the length of every shard together.
     pub stream: StreamStats,
-    /// `None` when the stream or the group does not exist (yet).
+    /// `None` when the stream or the group does not exist (yet) on some shard; with shards,
+    /// lag and pending summed over them.
     pub group: Option<GroupStats>,
+    /// Each stream shard (one, `stream.name` itself, with `stream.shards = 1`).
+    pub shards: Vec<ShardStats>,
     pub consumers: Vec<ConsumerStats>,
     pub dead_letters: StreamStats,
     /// `None` when the index does not exist (yet).
     pub index: Option<IndexStats>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ShardStats {
+    pub stream: StreamStats,
+    pub group: Option<GroupStats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,14 +98,24 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
 
 /// Reads everything `stats` shows.
 pub async fn collect(conn: &mut Conn, settings: &Settings) -> Result<Stats, RedisError> {
-    let stream = &settings.stream.name;
+    let group_name = &settings.stream.group;
     let dead = settings.dead_letter_stream();
-    let group = stream::group_info(conn, stream, &settings.stream.group).await?;
-    let consumers = if group.is_some() {
-        consumers(conn, stream, &settings.stream.group).await?
-    } else {
-        Vec::new()
-    };
+    let mut shards = Vec::new();
+    let mut consumers: Vec<ConsumerStats> = Vec::new();
+    for stream in crate::store::shards::keys(&settings.stream) {
+        let group = stream::group_info(conn, &stream, group_name).await?;
+        if group.is_some() {
+            merge_consumers(&mut consumers, self::consumers(conn, &stream, group_name).await?);
+        }
+        shards.push(ShardStats {
+            stream: StreamStats {
+                length: xlen(conn, &stream).await?,
+                name: stream,
+            },
+            group,
+        });
+    }
+    let group = sum_groups(&shards);
     let record = generation::load(conn, &generation::record_key(&settings.index.name)).await?;
     let model = record.map(|r| ModelStats {
         fingerprint: r.current.fingerprint,
@@ -121,10 +141,11 @@ pub async fn collect(conn: &mut Conn, settings: &Settings) -> Result<Stats, Redi
     });
     Ok(Stats {
         stream: StreamStats {
-            name: stream.clone(),
-            length: xlen(conn, stream).await?,
+            name: settings.stream.name.clone(),
+            length: shards.iter().map(|s| s.stream.length).sum(),
         },
         group,
+        shards,
         consumers,
         dead_letters: StreamStats {
             length: xlen(conn, &dead).await?,
@@ -132,6 +153,40 @@ pub async fn collect(conn: &mut Conn, settings: &Settings) -> Result<Stats, Redi
         },
         index,
     })
+}
+
+/// The group over all shards: present when on every shard; lag known when known on each.
+fn sum_groups(shards: &[ShardStats]) -> Option<GroupStats> {
+    let groups: Option<Vec<&GroupStats>> = shards.iter().map(|s| s.group.as_ref()).collect();
+    let groups = groups?;
+    let first = groups.first()?;
+    if groups.len() == 1 {
+        return Some((*first).clone());
+    }
+    Some(GroupStats {
+        name: first.name.clone(),
+        lag: groups.iter().map(|g| g.lag).sum(),
+        pending: groups.iter().map(|g| g.pending).sum(),
+        // Entry IDs of different streams do not compare: see each shard.
+        last_delivered_id: String::new(),
+    })
+}
+
+/// A consumer reads every shard: its pending entries add up, its idle time is the least.
+fn merge_consumers(all: &mut Vec<ConsumerStats>, shard: Vec<ConsumerStats>) {
+    for c in shard {
+        match all.iter_mut().find(|a| a.name == c.name) {
+            Some(a) => {
+                a.pending += c.pending;
+                a.idle_ms = a.idle_ms.min(c.idle_ms);
+                a.inactive_ms = match (a.inactive_ms, c.inactive_ms) {
+                    (Some(x), Some(y)) => Some(x.min(y)),
+                    (x, y) => x.or(y),
+                };
+            }
+            None => all.push(c),
+        }
+    }
 }
 
 async fn xlen(conn: &mut Conn, stream: &str) -> Result<u64, RedisError> {
@@ -192,6 +247,24 @@ pub fn table(s: &Stats) -> String {
         }
         None => {
             let _ = writeln!(out, "group         (missing: no worker has started yet)");
+        }
+    }
+    if s.shards.len() > 1 {
+        for shard in &s.shards {
+            let group = match &shard.group {
+                Some(g) => format!(
+                    "lag {}  pending {}  last delivered {}",
+                    g.lag.map_or("unknown".to_string(), |l| l.to_string()),
+                    g.pending,
+                    g.last_delivered_id
+                ),
+                None => "(no group)".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "  shard       {:<28} length {}  {group}",
+                shard.stream.name, shard.stream.length
+            );
         }
     }
     let _ = writeln!(

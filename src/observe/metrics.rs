@@ -93,6 +93,7 @@ pub struct Metrics {
     written: Counter,
     superseded: Counter,
     unchanged: Counter,
+    under_replicated: Counter,
     deleted: Counter,
     acked: Counter,
     dead_letters_trimmed: Counter,
@@ -138,6 +139,10 @@ impl Default for Metrics {
         let unchanged = counter(
             "documents_unchanged",
             "Upserts whose text and model equal the stored document's: fields and version replaced, vectors kept, no model run; acked",
+        );
+        let under_replicated = counter(
+            "under_replicated_writes",
+            "Batches acked with fewer replicas than redis.wait_replicas on some primary, because that primary has no more replicas (e.g. its replica was promoted)",
         );
         let deleted = counter(
             "documents_deleted",
@@ -249,6 +254,7 @@ impl Default for Metrics {
             written,
             superseded,
             unchanged,
+            under_replicated,
             deleted,
             acked,
             dead_letters_trimmed,
@@ -283,6 +289,9 @@ impl Metrics {
     }
     pub fn unchanged(&self, n: usize) {
         self.unchanged.inc_by(n as u64);
+    }
+    pub fn under_replicated(&self) {
+        self.under_replicated.inc();
     }
     pub fn deleted(&self, n: usize) {
         self.deleted.inc_by(n as u64);

@@ -23,7 +23,8 @@ const ROUND_TIMEOUT: Duration = Duration::from_secs(1);
 /// What the probe looks up.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub stream: String,
+    /// Every stream shard's key.
+    pub streams: Vec<String>,
     pub group: String,
     pub index: String,
 }
@@ -31,7 +32,7 @@ pub struct Target {
 impl Target {
     pub fn from_settings(settings: &Settings) -> Self {
         Self {
-            stream: settings.stream.name.clone(),
+            streams: crate::store::shards::keys(&settings.stream),
             group: settings.stream.group.clone(),
             index: settings.index.name.clone(),
         }
@@ -133,25 +134,48 @@ async fn check(
     }
     let c = conn.as_mut().expect("connected just above");
     let _: Value = ::redis::cmd("PING").query_async(c).await?;
-    let group = match stream::group_info(c, &target.stream, &target.group).await? {
-        Some(g) => {
-            // Nothing pending needs no second command (and keeps count and age agreeing).
-            let oldest = match g.pending {
-                0 => None,
-                _ => freshness::oldest_pending_id(c, &target.stream, &target.group).await?,
-            };
-            let now = freshness::now_ms();
-            Some(GroupRound {
-                pending: g.pending,
-                // A lag Redis cannot tell (after some deletions) reads as 0.
-                lag: g.lag.unwrap_or(0),
-                oldest_pending_age: oldest
-                    .and_then(|id| freshness::age(now, &id))
-                    .unwrap_or(Duration::ZERO),
-            })
-        }
-        None => None,
-    };
+    // The group counts as present only when every shard has it; counts are summed, the age is
+    // the oldest over the shards.
+    let mut group = Some(GroupRound {
+        pending: 0,
+        lag: 0,
+        oldest_pending_age: Duration::ZERO,
+    });
+    for stream in &target.streams {
+        let (Some(sum), Some(shard)) = (group.as_mut(), shard_round(c, stream, &target.group).await?)
+        else {
+            group = None;
+            break;
+        };
+        sum.pending += shard.pending;
+        sum.lag += shard.lag;
+        sum.oldest_pending_age = sum.oldest_pending_age.max(shard.oldest_pending_age);
+    }
     let index = index::info(c, &target.index).await?.is_some();
     Ok(Round { group, index })
+}
+
+/// One stream shard's group: None when the group is missing.
+async fn shard_round(
+    c: &mut Conn,
+    stream: &str,
+    group: &str,
+) -> Result<Option<GroupRound>, ProbeError> {
+    let Some(g) = stream::group_info(c, stream, group).await? else {
+        return Ok(None);
+    };
+    // Nothing pending needs no second command (and keeps count and age agreeing).
+    let oldest = match g.pending {
+        0 => None,
+        _ => freshness::oldest_pending_id(c, stream, group).await?,
+    };
+    let now = freshness::now_ms();
+    Ok(Some(GroupRound {
+        pending: g.pending,
+        // A lag Redis cannot tell (after some deletions) reads as 0.
+        lag: g.lag.unwrap_or(0),
+        oldest_pending_age: oldest
+            .and_then(|id| freshness::age(now, &id))
+            .unwrap_or(Duration::ZERO),
+    }))
 }

@@ -2,7 +2,8 @@
 //! restart, entries idle on dead consumers, then new ones), turns each into an [`Op`], keeps
 //! the newest op per document within the read, and routes them: upserts to the tokeniser,
 //! everything else straight to the writer. It reads again only while the worker holds less than
-//! its budget ([`ReadAhead`](super::read_ahead::ReadAhead)).
+//! its budget ([`ReadAhead`](super::read_ahead::ReadAhead)). With stream shards there is one
+//! reader per shard, each on its own connection (its reads block), all under that one budget.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,14 +41,16 @@ enum Source {
 
 pub async fn reader(
     ctx: Arc<Ctx>,
-    conn: Conn,
+    shard: usize,
+    conn: Option<Conn>,
     upserts: mpsc::Sender<Vec<Doc>>,
     writes: mpsc::Sender<Vec<Write>>,
     stop: watch::Receiver<bool>,
     options: RunOptions,
 ) -> Result<(), WorkerError> {
     let s = &ctx.settings.stream;
-    let mut conn = Some(conn);
+    let g = ctx.group(shard);
+    let mut conn = conn;
     let mut cursors = Cursors {
         source: Source::OwnPending("0".into()),
         next_claim: Instant::now(),
@@ -75,7 +78,7 @@ pub async fn reader(
                 .await?;
             continue;
         };
-        let (read, from_new) = match read_step(&ctx, c, &mut cursors, options).await {
+        let (read, from_new) = match read_step(&ctx, shard, c, &mut cursors, options).await {
             Ok(r) => r,
             Err(e) => {
                 ctx.retry_or_stop(e)?;
@@ -89,9 +92,9 @@ pub async fn reader(
         backoff.reset();
         if read.entries.is_empty() && read.deleted.is_empty() {
             if options.drain && from_new && ctx.in_flight() == 0 {
-                match stream::group_info(c, &ctx.group.stream, &ctx.group.group).await {
-                    Ok(Some(g)) if g.pending == 0 && g.lag.unwrap_or(0) == 0 => {
-                        tracing::info!("drained: nothing new or pending");
+                match stream::group_info(c, &g.stream, &g.group).await {
+                    Ok(Some(info)) if info.pending == 0 && info.lag.unwrap_or(0) == 0 => {
+                        tracing::info!(stream = %g.stream, "drained: nothing new or pending");
                         break;
                     }
                     Ok(_) => {}
@@ -106,8 +109,8 @@ pub async fn reader(
             .map(|e| (e.id.as_str(), e.deliveries, entry::entry_bytes(e)))
             .chain(read.deleted.iter().map(|id| (id.as_str(), 1, 0)))
             .collect();
-        ctx.took(&taken);
-        let (docs, rest) = route(&ctx, read);
+        ctx.took(shard, &taken);
+        let (docs, rest) = route(&ctx, read, shard);
         if !rest.is_empty() && writes.send(rest).await.is_err() {
             break;
         }
@@ -119,16 +122,16 @@ pub async fn reader(
 }
 
 /// One read's ops, newest per document: upserts (to embed) apart from the rest (to write).
-fn route(ctx: &Ctx, read: Read) -> (Vec<Doc>, Vec<Write>) {
+fn route(ctx: &Ctx, read: Read, shard: usize) -> (Vec<Doc>, Vec<Write>) {
     let mut ops: Vec<Op> = read
         .entries
         .into_iter()
-        .map(|raw| entry::parse(raw, &ctx.rules))
+        .map(|raw| entry::parse(raw, &ctx.rules, shard))
         .collect();
     ops.extend(read.deleted.iter().map(|id| {
         Op::AckOnly(AckOnly {
             why: AckWhy::DeletedFromStream,
-            done: Completion::new(id),
+            done: Completion::new(shard, id),
         })
     }));
     let mut docs = Vec::new();
@@ -232,12 +235,13 @@ fn last_id(read: &Read) -> Option<String> {
 /// Returns what was read and whether it came from the new-entries read.
 async fn read_step(
     ctx: &Ctx,
+    shard: usize,
     conn: &mut Conn,
     cursors: &mut Cursors,
     options: RunOptions,
 ) -> Result<(Read, bool), ::redis::RedisError> {
     let s = &ctx.settings.stream;
-    let g = &ctx.group;
+    let g = ctx.group(shard);
     let Cursors {
         source,
         next_claim,

@@ -85,25 +85,32 @@ pub async fn embedder(
 /// the exit does not push them towards `max_deliveries` for a text they do not contain. Best
 /// effort, on a fresh connection: if it fails, their counts rise by one, as after a crash.
 async fn spare_the_bystanders(ctx: &Ctx, stuck: &[String]) {
-    let bystanders: Vec<(String, u64)> = ctx
-        .leases
-        .held_with_deliveries()
-        .into_iter()
-        .filter(|(id, _)| !stuck.contains(id))
-        .map(|(id, n)| (id, n.saturating_sub(1)))
-        .collect();
+    let mut bystanders: std::collections::BTreeMap<usize, Vec<(String, u64)>> =
+        Default::default();
+    for (e, n) in ctx.leases.held_with_deliveries() {
+        if !stuck.contains(&e.id) {
+            bystanders
+                .entry(e.shard)
+                .or_default()
+                .push((e.id, n.saturating_sub(1)));
+        }
+    }
     if bystanders.is_empty() {
         return;
     }
+    let count: usize = bystanders.values().map(Vec::len).sum();
     let reset = async {
         let mut conn = ctx.store.connect().await.map_err(|e| e.to_string())?;
-        crate::store::stream::set_delivery_counts(&mut conn, &ctx.group, &bystanders)
-            .await
-            .map_err(|e| e.to_string())
+        for (shard, entries) in &bystanders {
+            crate::store::stream::set_delivery_counts(&mut conn, ctx.group(*shard), entries)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok::<(), String>(())
     };
     match tokio::time::timeout(ctx.settings.redis.command_timeout, reset).await {
         Ok(Ok(())) => {
-            tracing::info!(entries = bystanders.len(), "delivery counts of the entries queued behind the stuck batch set back")
+            tracing::info!(entries = count, "delivery counts of the entries queued behind the stuck batch set back")
         }
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "could not set back the delivery counts of the entries queued behind the stuck batch")
@@ -336,7 +343,7 @@ mod tests {
                     ],
                     deliveries: 1,
                 };
-                let doc = match parse(raw, &rules) {
+                let doc = match parse(raw, &rules, 0) {
                     Op::Upsert(d) => d,
                     other => panic!("{other:?}"),
                 };

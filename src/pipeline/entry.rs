@@ -133,8 +133,8 @@ fn bad_chunked_id_char(c: char) -> bool {
 /// The largest producer version accepted: every client's integer type holds it.
 const MAX_VERSION: u64 = i64::MAX as u64;
 
-/// Decides what becomes of one entry.
-pub fn parse(entry: RawEntry, rules: &EntryRules) -> Op {
+/// Decides what becomes of one entry, read from stream shard `shard`.
+pub fn parse(entry: RawEntry, rules: &EntryRules, shard: usize) -> Op {
     match check(&entry, rules) {
         Ok(Checked::Upsert {
             key,
@@ -146,17 +146,18 @@ pub fn parse(entry: RawEntry, rules: &EntryRules) -> Op {
                 text_at,
                 control: rules.control.clone(),
                 digest_rule: rules.digest_rule.clone(),
+                shard,
             };
             Op::Upsert(Doc::taking_text(entry, key, version, place))
         }
         Ok(Checked::Delete { key, version }) => Op::Delete(Delete {
-            done: Completion::new(&entry.id),
+            done: Completion::new(shard, &entry.id),
             key,
             version,
             entry,
         }),
         Err((reason, detail)) => Op::DeadLetter(DeadLetter {
-            done: Completion::new(&entry.id),
+            done: Completion::new(shard, &entry.id),
             entry,
             reason,
             detail,
@@ -349,14 +350,14 @@ mod tests {
     }
 
     fn doc(e: RawEntry) -> Doc {
-        match parse(e, &rules()) {
+        match parse(e, &rules(), 0) {
             Op::Upsert(d) => d,
             other => panic!("not an upsert: {other:?}"),
         }
     }
 
     fn dead(e: RawEntry) -> DeadLetter {
-        match parse(e, &rules()) {
+        match parse(e, &rules(), 0) {
             Op::DeadLetter(d) => d,
             other => panic!("not a dead letter: {other:?}"),
         }
@@ -408,7 +409,7 @@ mod tests {
 
     #[test]
     fn a_delete_needs_only_the_id() {
-        match parse(entry(&[(b"id", b"7"), (b"op", b"delete")]), &rules()) {
+        match parse(entry(&[(b"id", b"7"), (b"op", b"delete")]), &rules(), 0) {
             Op::Delete(d) => {
                 assert_eq!(d.key, "doc:7");
                 assert_eq!(d.done.entry_id(), "1-0");
@@ -417,7 +418,7 @@ mod tests {
         }
         // A delete without an id deletes the document named by its entry ID, like an upsert.
         assert!(matches!(
-            parse(entry(&[(b"op", b"delete")]), &rules()),
+            parse(entry(&[(b"op", b"delete")]), &rules(), 0),
             Op::Delete(d) if d.key == "doc:1-0"
         ));
     }
@@ -509,13 +510,13 @@ mod tests {
             EntryRules::from_settings(&crate::settings::Settings::load_from(None, env).unwrap());
         let big = entry(&[(b"content", b"short"), (b"meta", &[b'm'; 30])]);
         assert!(
-            matches!(parse(big, &rules), Op::DeadLetter(d) if d.reason == DeadReason::EntryTooLarge)
+            matches!(parse(big, &rules, 0), Op::DeadLetter(d) if d.reason == DeadReason::EntryTooLarge)
         );
         let fits = entry(&[(b"content", b"short"), (b"meta", &[b'm'; 20])]);
-        assert!(matches!(parse(fits, &rules), Op::Upsert(_)));
+        assert!(matches!(parse(fits, &rules, 0), Op::Upsert(_)));
         let hash = entry(&[(b"content", b"x"), (b"id", b"a#1")]);
         assert!(
-            matches!(parse(hash, &rules), Op::DeadLetter(d) if d.reason == DeadReason::InvalidId)
+            matches!(parse(hash, &rules, 0), Op::DeadLetter(d) if d.reason == DeadReason::InvalidId)
         );
         for name in [
             "parent",
@@ -529,7 +530,7 @@ mod tests {
         ] {
             let e = entry(&[(b"content", b"x"), (name.as_bytes(), b"1")]);
             assert!(
-                matches!(parse(e, &rules), Op::DeadLetter(d) if d.reason == DeadReason::ReservedField),
+                matches!(parse(e, &rules, 0), Op::DeadLetter(d) if d.reason == DeadReason::ReservedField),
                 "{name}"
             );
         }
@@ -539,7 +540,7 @@ mod tests {
         let rules =
             EntryRules::from_settings(&crate::settings::Settings::load_from(None, env).unwrap());
         let e = entry(&[(b"content", b"x"), (b"chunk", b"1"), (b"id", b"a#1")]);
-        assert!(matches!(parse(e, &rules), Op::Upsert(_)));
+        assert!(matches!(parse(e, &rules, 0), Op::Upsert(_)));
     }
 
     #[test]
@@ -563,7 +564,7 @@ mod tests {
             deliveries in 0u64..6,
         ) {
             let e = RawEntry { id: "5-1".into(), fields, deliveries };
-            match parse(e.clone(), &rules()) {
+            match parse(e.clone(), &rules(), 0) {
                 Op::Upsert(doc) => {
                     prop_assert!(doc.key.starts_with("doc:"));
                     prop_assert!(!doc.text.trim().is_empty() && doc.text.len() <= 100);
@@ -599,7 +600,7 @@ mod tests {
             fields.push((b"id".to_vec(), vec![b'k'; id_len]));
             fields.insert(n_fields / 2, (b"content".to_vec(), vec![b'w'; text_len]));
             let e = RawEntry { id: "9-9".into(), fields, deliveries: 1 };
-            match parse(e.clone(), &rules()) {
+            match parse(e.clone(), &rules(), 0) {
                 Op::Upsert(doc) => {
                     prop_assert!(text_len > 0 && text_len <= 100 && id_len > 0 && id_len <= 16);
                     prop_assert_eq!(doc.stored_fields().count(), n_fields + 2);

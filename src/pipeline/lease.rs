@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use crate::store::cluster::Conn;
 use tokio::sync::watch;
 
+use super::op::EntryRef;
 use super::shared::{sleep_unless_stopped, Ctx};
 use super::WorkerError;
 use crate::store::stream;
@@ -28,10 +29,10 @@ pub struct Leases {
     stopped: watch::Sender<bool>,
 }
 
-/// Entry ID -> (delivery count, bytes), and the bytes in all.
+/// Entry -> (delivery count, bytes), and the bytes in all.
 #[derive(Default)]
 struct Held {
-    entries: HashMap<String, (u64, usize)>,
+    entries: HashMap<EntryRef, (u64, usize)>,
     bytes: usize,
 }
 
@@ -45,19 +46,21 @@ impl Default for Leases {
 }
 
 impl Leases {
-    /// The reader took these entries: (entry ID, delivery count, bytes of fields and values).
-    pub fn hold<'a>(&self, entries: impl IntoIterator<Item = (&'a str, u64, usize)>) {
+    /// The reader of shard `shard` took these entries: (entry ID, delivery count, bytes of
+    /// fields and values).
+    pub fn hold<'a>(&self, shard: usize, entries: impl IntoIterator<Item = (&'a str, u64, usize)>) {
         let mut held = self.lock();
         for (id, deliveries, bytes) in entries {
             held.bytes += bytes;
-            if let Some((_, old)) = held.entries.insert(id.to_string(), (deliveries, bytes)) {
+            let entry = EntryRef::new(shard, id);
+            if let Some((_, old)) = held.entries.insert(entry, (deliveries, bytes)) {
                 held.bytes -= old;
             }
         }
     }
 
     /// The writer acked these entries.
-    pub fn release(&self, ids: &[String]) {
+    pub fn release(&self, ids: &[EntryRef]) {
         let mut held = self.lock();
         for id in ids {
             if let Some((_, bytes)) = held.entries.remove(id) {
@@ -66,7 +69,7 @@ impl Leases {
         }
     }
 
-    pub fn contains(&self, id: &str) -> bool {
+    pub fn contains(&self, id: &EntryRef) -> bool {
         self.lock().entries.contains_key(id)
     }
 
@@ -77,12 +80,12 @@ impl Leases {
     }
 
     /// The entries held now.
-    pub fn held(&self) -> Vec<String> {
+    pub fn held(&self) -> Vec<EntryRef> {
         self.lock().entries.keys().cloned().collect()
     }
 
     /// The entries held now with the delivery count each was read with.
-    pub fn held_with_deliveries(&self) -> Vec<(String, u64)> {
+    pub fn held_with_deliveries(&self) -> Vec<(EntryRef, u64)> {
         self.lock()
             .entries
             .iter()
@@ -134,15 +137,15 @@ pub async fn renewer(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
         if ctx.leases.is_stopped() {
             break;
         }
-        match stream::renew(c, &ctx.group, &held).await {
+        match renew_all(&ctx, c, held).await {
             Ok((renewed, lost)) => {
                 backoff.reset();
                 // Those acked since the snapshot are not lost.
-                let lost: Vec<String> = lost
+                let lost: Vec<EntryRef> = lost
                     .into_iter()
                     .filter(|id| ctx.leases.contains(id))
                     .collect();
-                ctx.metrics.leases(renewed.len(), lost.len());
+                ctx.metrics.leases(renewed, lost.len());
                 if !lost.is_empty() {
                     // Reclaimed by another consumer while this one could not renew: the work is
                     // redone there (harmless: the newest version wins on the server).
@@ -161,4 +164,24 @@ pub async fn renewer(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
         }
     }
     Ok(())
+}
+
+/// Renews the held entries of every shard: how many were renewed, and those no longer this
+/// consumer's.
+async fn renew_all(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    held: Vec<EntryRef>,
+) -> Result<(usize, Vec<EntryRef>), ::redis::RedisError> {
+    let mut by_shard: HashMap<usize, Vec<String>> = HashMap::new();
+    for e in held {
+        by_shard.entry(e.shard).or_default().push(e.id);
+    }
+    let (mut renewed, mut lost) = (0, Vec::new());
+    for (shard, ids) in by_shard {
+        let (r, l) = stream::renew(conn, ctx.group(shard), &ids).await?;
+        renewed += r.len();
+        lost.extend(l.into_iter().map(|id| EntryRef { shard, id }));
+    }
+    Ok((renewed, lost))
 }

@@ -22,23 +22,50 @@ pub struct Completion {
 }
 
 struct Inner {
-    entry_id: String,
+    entry: EntryRef,
     parts_left: AtomicUsize,
 }
 
+/// A stream entry: which shard's stream (0 with one stream), and its ID there. Entry IDs are
+/// unique only within one stream.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct EntryRef {
+    pub shard: usize,
+    pub id: String,
+}
+
+impl EntryRef {
+    pub fn new(shard: usize, id: &str) -> Self {
+        Self {
+            shard,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for EntryRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.id)
+    }
+}
+
 impl Completion {
-    /// The completion of the entry `entry_id`, as one part.
-    pub fn new(entry_id: &str) -> Self {
+    /// The completion of the entry `entry_id` of shard `shard`, as one part.
+    pub fn new(shard: usize, entry_id: &str) -> Self {
         Self {
             inner: Arc::new(Inner {
-                entry_id: entry_id.to_string(),
+                entry: EntryRef::new(shard, entry_id),
                 parts_left: AtomicUsize::new(1),
             }),
         }
     }
 
     pub fn entry_id(&self) -> &str {
-        &self.inner.entry_id
+        &self.inner.entry.id
+    }
+
+    pub fn shard(&self) -> usize {
+        self.inner.entry.shard
     }
 
     /// This part as `n` parts (n >= 1), each of which must finish.
@@ -56,9 +83,9 @@ impl Completion {
     }
 
     /// Marks this part done: the entry ID once the entry's last part is done (ack it now).
-    pub fn finish(self) -> Option<String> {
+    pub fn finish(self) -> Option<EntryRef> {
         (self.inner.parts_left.fetch_sub(1, Ordering::AcqRel) == 1)
-            .then(|| self.inner.entry_id.clone())
+            .then(|| self.inner.entry.clone())
     }
 }
 
@@ -67,7 +94,7 @@ impl fmt::Debug for Completion {
         write!(
             f,
             "Completion({}, {} left)",
-            self.inner.entry_id,
+            self.inner.entry.id,
             self.inner.parts_left.load(Ordering::Relaxed)
         )
     }
@@ -106,6 +133,8 @@ pub struct DocPlace {
     pub control: Arc<[Vec<u8>; 3]>,
     /// The chunking rule the digest covers.
     pub digest_rule: Arc<str>,
+    /// The stream shard the entry was read from.
+    pub shard: usize,
 }
 
 impl Doc {
@@ -120,7 +149,7 @@ impl Doc {
             .expect("checked as UTF-8");
         Doc {
             digest: super::unchanged::digest(&place.digest_rule, &text),
-            done: Completion::new(&entry.id),
+            done: Completion::new(place.shard, &entry.id),
             key,
             id_at: place.id_at,
             text,
@@ -314,12 +343,15 @@ mod tests {
 
     #[test]
     fn an_entry_is_acked_once_its_last_part_finishes() {
-        let parts = Completion::new("7-0").split(3);
-        let ids: Vec<Option<String>> = parts.into_iter().map(Completion::finish).collect();
-        assert_eq!(ids, [None, None, Some("7-0".to_string())]);
-        assert_eq!(Completion::new("8-0").finish().as_deref(), Some("8-0"));
+        let parts = Completion::new(1, "7-0").split(3);
+        let ids: Vec<Option<EntryRef>> = parts.into_iter().map(Completion::finish).collect();
+        assert_eq!(ids, [None, None, Some(EntryRef::new(1, "7-0"))]);
+        assert_eq!(
+            Completion::new(0, "8-0").finish(),
+            Some(EntryRef::new(0, "8-0"))
+        );
         // A part dropped unfinished never acks.
-        let mut parts = Completion::new("9-0").split(2);
+        let mut parts = Completion::new(0, "9-0").split(2);
         drop(parts.pop());
         assert_eq!(parts.pop().unwrap().finish(), None);
     }
@@ -338,7 +370,7 @@ mod tests {
                 .collect(),
             deliveries: 1,
         };
-        parse(entry, &rules())
+        parse(entry, &rules(), 0)
     }
 
     fn kept(ops: &[Op]) -> Vec<String> {

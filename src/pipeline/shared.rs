@@ -16,13 +16,16 @@ use crate::observe::{Health, Metrics};
 use crate::settings::Settings;
 use crate::store::connect::{Backoff, Disposition, Store, StoreError};
 use crate::store::documents::DocStore;
+use super::op::EntryRef;
+use crate::store::shards;
 use crate::store::stream::GroupRef;
 
 pub struct Ctx {
     pub settings: Settings,
     pub store: Store,
     pub docs: DocStore,
-    pub group: GroupRef,
+    /// This worker's place in the group on each stream shard (one with `stream.shards = 1`).
+    pub groups: Vec<GroupRef>,
     pub rules: EntryRules,
     pub dead_stream: String,
     pub metrics: Arc<Metrics>,
@@ -55,11 +58,14 @@ impl Ctx {
             model,
             store: Store::new(&settings.redis)?,
             docs: DocStore::from_settings(&settings),
-            group: GroupRef {
-                stream: settings.stream.name.clone(),
-                group: settings.stream.group.clone(),
-                consumer: settings.consumer_name(),
-            },
+            groups: shards::keys(&settings.stream)
+                .into_iter()
+                .map(|stream| GroupRef {
+                    stream,
+                    group: settings.stream.group.clone(),
+                    consumer: settings.consumer_name(),
+                })
+                .collect(),
             rules: EntryRules::from_settings(&settings),
             dead_stream: settings.dead_letter_stream(),
             metrics,
@@ -88,6 +94,11 @@ impl Ctx {
         }
     }
 
+    /// This worker's place in the group on shard `shard`.
+    pub fn group(&self, shard: usize) -> &GroupRef {
+        &self.groups[shard]
+    }
+
     /// Entries held (read, not yet acked).
     pub fn in_flight(&self) -> usize {
         self.leases.in_hand().0
@@ -102,13 +113,14 @@ impl Ctx {
             || (self.read_ahead.may_read(entries) && bytes < self.settings.stream.read_bytes)
     }
 
-    /// The reader took these entries, (ID, delivery count, bytes): held, and renewed, until acked.
-    pub fn took(&self, entries: &[(&str, u64, usize)]) {
-        self.leases.hold(entries.iter().copied());
+    /// The reader of `shard` took these entries, (ID, delivery count, bytes): held, and
+    /// renewed, until acked.
+    pub fn took(&self, shard: usize, entries: &[(&str, u64, usize)]) {
+        self.leases.hold(shard, entries.iter().copied());
     }
 
     /// The writer acked these entries.
-    pub fn released(&self, ids: &[String]) {
+    pub fn released(&self, ids: &[EntryRef]) {
         self.leases.release(ids);
         self.budget_grew.notify_one();
     }

@@ -131,8 +131,9 @@ pub async fn run(
     let Some(conn) = start_up(&ctx, &stop_rx, model.handle.dimension()).await? else {
         return Ok(RunSummary::default());
     };
+    let g = ctx.group(0);
     tracing::info!(
-        stream = %ctx.group.stream, group = %ctx.group.group, consumer = %ctx.group.consumer,
+        stream = %g.stream, shards = ctx.groups.len(), group = %g.group, consumer = %g.consumer,
         index = %ctx.settings.index.name, model = %model.fingerprint, dimension = model.handle.dimension(),
         "worker started"
     );
@@ -147,14 +148,19 @@ pub async fn run(
     let (write_tx, write_rx) = mpsc::channel::<Vec<Write>>(2);
 
     let mut tasks: JoinSet<Result<(), WorkerError>> = JoinSet::new();
-    tasks.spawn(reader(
-        ctx.clone(),
-        conn,
-        upsert_tx,
-        write_tx.clone(),
-        stop_rx.clone(),
-        options,
-    ));
+    let mut conn = Some(conn);
+    for shard in 0..ctx.groups.len() {
+        tasks.spawn(reader(
+            ctx.clone(),
+            shard,
+            conn.take(),
+            upsert_tx.clone(),
+            write_tx.clone(),
+            stop_rx.clone(),
+            options,
+        ));
+    }
+    drop(upsert_tx);
     // With worker.skip_unchanged, upserts pass the unchanged stage first (one more read in hand).
     let changed_rx = if ctx.settings.worker.skip_unchanged {
         let (changed_tx, changed_rx) = mpsc::channel::<Vec<Doc>>(1);
@@ -277,14 +283,17 @@ async fn start_up(
 /// True when ready to run; false while a reindex to this worker's model has not switched yet.
 /// The model is checked before anything is written (the group, the index).
 async fn prepare_redis(ctx: &Ctx, conn: &mut Conn, dimension: usize) -> Result<bool, WorkerError> {
+    ctx.docs.set_cluster(conn.is_cluster());
     let Some(generation) = check_model(ctx, conn).await? else {
         return Ok(false);
     };
-    let created = stream::ensure_group(conn, &ctx.group)
-        .await
-        .map_err(|e| ctx.store.error(e))?;
-    if created {
-        tracing::info!(stream = %ctx.group.stream, group = %ctx.group.group, "created consumer group");
+    for g in &ctx.groups {
+        let created = stream::ensure_group(conn, g)
+            .await
+            .map_err(|e| ctx.store.error(e))?;
+        if created {
+            tracing::info!(stream = %g.stream, group = %g.group, "created consumer group");
+        }
     }
     ctx.health.set_group_present(true);
     let layout = index::Layout {

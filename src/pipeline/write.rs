@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 use crate::store::cluster::Conn;
 use tokio::sync::{mpsc, watch};
 
-use super::op::{AckWhy, Completion, DeadLetter, Delete, Embedded, Write};
+use super::op::{AckWhy, Completion, DeadLetter, Delete, Embedded, EntryRef, Write};
 use super::reason::DeadReason;
 use super::shared::Ctx;
 use super::WorkerError;
 use crate::observe::metrics::Stage;
 use crate::store::documents::{self, Applied, Body, Change, ChunkBody};
+use crate::store::replicas;
 use crate::store::stream::{self, DeadLetterRecord};
 
 pub async fn writer(
@@ -63,9 +64,9 @@ struct Job {
     changes: Vec<DocChange>,
     dead: Vec<DeadLetter>,
     /// Entries done (written, deleted, superseded, ...) and not yet acked.
-    acks: Vec<String>,
+    acks: Vec<EntryRef>,
     /// Entries dead-lettered and not yet acked.
-    dead_acks: Vec<String>,
+    dead_acks: Vec<EntryRef>,
     /// The index's model record refused this worker's writes: the fingerprint it names.
     wrong_model: Option<String>,
 }
@@ -113,19 +114,22 @@ impl Job {
                 .iter()
                 .map(|l| DeadLetterRecord {
                     entry: &l.entry,
+                    stream: &ctx.group(l.done.shard()).stream,
                     reason: l.reason.as_str(),
                     detail: &l.detail,
                 })
                 .collect();
             let trimmed = stream::add_dead_letters(
                 conn,
-                &ctx.group,
+                &ctx.groups[0].consumer,
                 &ctx.dead_stream,
                 ctx.settings.stream.dead_letter_maxlen,
                 &records,
             )
             .await?;
             ctx.metrics.dead_letters_trimmed(trimmed);
+            // A retry after a failed wait writes them again: a duplicate, never a loss.
+            replicated(ctx, conn).await?;
             for l in self.dead.drain(..) {
                 // The one log line per failed entry: every failure path ends here, once it is durable.
                 tracing::warn!(entry = %l.entry.id, reason = %l.reason, detail = %l.detail,
@@ -135,9 +139,17 @@ impl Job {
             }
         }
         if !self.acks.is_empty() || !self.dead_acks.is_empty() {
-            let ids: Vec<String> = self.acks.iter().chain(&self.dead_acks).cloned().collect();
-            stream::ack(conn, &ctx.group, &ids).await?;
-            ctx.metrics.indexing_delay(&ids);
+            let ids: Vec<EntryRef> = self.acks.iter().chain(&self.dead_acks).cloned().collect();
+            for (shard, group) in ctx.groups.iter().enumerate() {
+                let of_shard: Vec<&str> = ids
+                    .iter()
+                    .filter(|e| e.shard == shard)
+                    .map(|e| e.id.as_str())
+                    .collect();
+                stream::ack(conn, group, &of_shard).await?;
+            }
+            let names: Vec<String> = ids.iter().map(|e| e.id.clone()).collect();
+            ctx.metrics.indexing_delay(&names);
             ctx.metrics.acked(self.acks.len());
             ctx.released(&ids);
             self.acks.clear();
@@ -157,6 +169,9 @@ impl Job {
         let changes: Vec<Change> = self.changes.iter().map(|c| c.change(text_field)).collect();
         let outcomes = documents::apply(conn, &ctx.docs, &changes).await?;
         drop(changes);
+        // Nothing is taken off the job before the replicas have it: after a failed wait (or a
+        // failover) the retry writes everything again, and what did survive answers `Current`.
+        replicated(ctx, conn).await?;
         for (change, outcome) in std::mem::take(&mut self.changes).into_iter().zip(outcomes) {
             let (key, entry) = change.names();
             match outcome {
@@ -190,6 +205,30 @@ impl Job {
         }
         Ok(())
     }
+}
+
+/// With `redis.wait_replicas`, waits until the replicas hold what this connection wrote.
+async fn replicated(ctx: &Ctx, conn: &mut Conn) -> Result<(), ::redis::RedisError> {
+    let want = ctx.settings.redis.wait_replicas;
+    if want == 0 {
+        return Ok(());
+    }
+    let short = replicas::wait(conn, want, ctx.settings.redis.wait_timeout).await?;
+    if let Some(first) = short.first() {
+        ctx.metrics.under_replicated();
+        // Once a minute at most: after a failover every batch is short until a replica returns.
+        static LAST_WARNED_S: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = crate::observe::freshness::now_ms() / 1000;
+        let last = LAST_WARNED_S.load(std::sync::atomic::Ordering::Relaxed);
+        if now < last + 60 {
+            return Ok(());
+        }
+        LAST_WARNED_S.store(now, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(node = %first.node, replicas = first.replicas, wanted = want,
+            primaries = short.len(),
+            "acked with fewer replicas than redis.wait_replicas: the primary has no more (a promoted replica not yet given one)");
+    }
+    Ok(())
 }
 
 /// A change to a document, still to apply.

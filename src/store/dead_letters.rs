@@ -131,20 +131,20 @@ pub async fn scan(
     Ok((letters, foreign))
 }
 
-/// Sends each dead letter's original fields to `stream` (XADD, a new entry ID), and only once
+/// Sends each dead letter's original fields to its stream in `streams` (XADD, a new entry ID), and only once
 /// all of a chunk's XADDs have succeeded deletes those dead letters (XDEL). A failure or a crash
 /// in between leaves a dead letter that was also replayed: a duplicate (harmless: the newest
 /// version wins), never a loss. Returns the new entry IDs, in order.
 pub async fn replay(
     conn: &mut Conn,
-    stream: &str,
+    streams: &[String],
     dead_stream: &str,
     letters: &[DeadLetter],
 ) -> Result<Vec<String>, RedisError> {
     let mut added = Vec::with_capacity(letters.len());
-    for chunk in letters.chunks(100) {
+    for (chunk, streams) in letters.chunks(100).zip(streams.chunks(100)) {
         let mut pipe = ::redis::pipe();
-        for l in chunk {
+        for (l, stream) in chunk.iter().zip(streams) {
             let cmd = pipe.cmd("XADD").arg(stream).arg("*");
             for (k, v) in &l.fields {
                 cmd.arg(k.as_slice()).arg(v.as_slice());

@@ -1,11 +1,13 @@
-#!lua name=embed_worker_v4
+#!lua name=embed_worker_v5
 -- embed-worker's document writes: newest version wins, checked and applied atomically on the
 -- server, so no read-then-write race between workers remains, and no reader ever sees the
 -- chunks of two versions of one document mixed. Loaded once (FUNCTION LOAD) and called by name
 -- (FCALL). Every key a function touches is declared in KEYS:
 --   KEYS[1] the document key (e.g. doc:42), KEYS[2] its tombstone (e.g. embed:tomb:{doc:42}),
---   KEYS[3] the index's model record (e.g. embed:index:{vector_idx}),
---   KEYS[4], KEYS[5], ... the keys of its chunks doc:42#0, doc:42#1, ... (at least #0).
+--   KEYS[3] the index's model record (e.g. embed:index:{vector_idx}), or on a Redis Cluster
+--   KEYS[1] again (see record_in_reach),
+--   KEYS[4], KEYS[5], ... the keys of its chunks doc:42#0, doc:42#1, ... (at least #0; on a
+--   cluster doc:{doc:42}#0, ..., so that they share the document's slot).
 -- The model record says which model's vectors the index holds: only a writer whose model
 -- fingerprint is among its `writers` may change a document (a worker on another model is
 -- refused with "model <the index's fingerprint>"), so vector spaces never mix.
@@ -21,7 +23,7 @@
 -- __ew_digest, the digest of its document's text and chunking rule, which lets an unchanged
 -- re-feed skip the model (ew_touch).
 
-local LIBRARY_VERSION = '4'
+local LIBRARY_VERSION = '5'
 
 -- Where the chunk keys start in KEYS.
 local CHUNK0 = 4
@@ -36,6 +38,14 @@ end
 
 -- nil when a writer of model `fingerprint` may write, else the refusal ("model <the index's
 -- fingerprint>", or "model none" when the record is missing).
+-- On a Redis Cluster the model record lives in another slot than the document, out of a
+-- function's reach (every key must be in one slot): the caller passes the document key in its
+-- place. The worker then vouches for its model itself: it checked the record at start-up, and
+-- `reindex`, the only writer of `writers`, refuses to run on a cluster.
+local function record_in_reach(keys)
+  return keys[3] ~= keys[1]
+end
+
 local function refused_model(record, fingerprint)
   local r = redis.call('HMGET', record, 'writers', 'fingerprint')
   if has_word(r[1], fingerprint) then return nil end
@@ -110,8 +120,10 @@ end
 local function admitted(S, keys, args, fingerprint)
   local new, err = checked_order(args)
   if not new then return err, 0 end
-  local no = refused_model(keys[3], fingerprint)
-  if no then return no, 0 end
+  if record_in_reach(keys) then
+    local no = refused_model(keys[3], fingerprint)
+    if no then return no, 0 end
+  end
   return before_write(S, keys, new)
 end
 
@@ -306,7 +318,8 @@ local CHUNK_OWN = { 'chunk', 'chunk_start', 'chunk_end' }
 
 -- ARGV: version, entry ID, the writer's model fingerprint, the text's digest, the text field's
 -- name, the parent field's name and value (the document id), the count c of field pairs and
--- those pairs: every field the entry stores, text included. When the stored document has this
+-- those pairs: every field the entry stores, text included, then the writer's vector field
+-- (what to keep when the record is out of reach). When the stored document has this
 -- digest and holds vectors of this model, its fields are replaced and its version advanced with
 -- no model run: "unchanged". A one-chunk document takes the pairs as they are; each chunk of a
 -- multi-chunk one takes them less the text, plus the parent, and keeps its own text, number and
@@ -328,7 +341,12 @@ local function touch(S, keys, args)
   local text_field = args[5]
   local given = {}
   pairs_from(args, 9, tonumber(args[8]), given)
-  local kept = vector_fields(keys[3])
+  local kept
+  if record_in_reach(keys) then
+    kept = vector_fields(keys[3])
+  else
+    kept = { args[9 + 2 * tonumber(args[8])] }
+  end
   kept[#kept + 1] = '__ew_chunks'
   if old > 0 then
     local without_text = {}
@@ -432,20 +450,20 @@ local function retire(S, keys, args)
   return 'none'
 end
 
--- Each document function twice: ew_<name>_v4 on hashes, ew_json_<name>_v4 on JSON documents.
+-- Each document function twice: ew_<name>_v5 on hashes, ew_json_<name>_v5 on JSON documents.
 -- (Spelled out: the library's load-time environment has no pairs/ipairs.)
 local function both(name, f)
-  redis.register_function('ew_' .. name .. '_v4', function(keys, args) return f(HASH, keys, args) end)
-  redis.register_function('ew_json_' .. name .. '_v4', function(keys, args) return f(JSON, keys, args) end)
+  redis.register_function('ew_' .. name .. '_v5', function(keys, args) return f(HASH, keys, args) end)
+  redis.register_function('ew_json_' .. name .. '_v5', function(keys, args) return f(JSON, keys, args) end)
 end
 both('upsert', upsert)
 both('touch', touch)
 both('delete', delete)
 both('reembed', reembed)
 both('retire', retire)
-redis.register_function('ew_adopt_v4', adopt)
+redis.register_function('ew_adopt_v5', adopt)
 redis.register_function{
-  function_name = 'ew_library_version_v4',
+  function_name = 'ew_library_version_v5',
   callback = function() return LIBRARY_VERSION end,
   flags = { 'no-writes' },
 }

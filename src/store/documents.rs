@@ -22,16 +22,16 @@ use crate::settings::{Settings, Storage};
 pub const LIBRARY: &str = include_str!("documents.lua");
 /// Must equal `LIBRARY_VERSION` in documents.lua (a unit test checks); bump both on any change,
 /// with the library's name and every function's suffix.
-const LIBRARY_VERSION: &str = "4";
+const LIBRARY_VERSION: &str = "5";
 
-/// The functions, named with the library's version (library `embed_worker_v4`): workers of two
+/// The functions, named with the library's version (library `embed_worker_v5`): workers of two
 /// versions in one rolling upgrade each call their own library's, and one loading its library
 /// never replaces the other's (a worker of library 3 loads `embed_worker`, with unsuffixed names).
-pub const FN_ADOPT: &str = "ew_adopt_v4";
-const FN_LIBRARY_VERSION: &str = "ew_library_version_v4";
+pub const FN_ADOPT: &str = "ew_adopt_v5";
+const FN_LIBRARY_VERSION: &str = "ew_library_version_v5";
 
-/// A document function: each exists once per storage (`ew_upsert_v4` on hashes,
-/// `ew_json_upsert_v4` on JSON documents).
+/// A document function: each exists once per storage (`ew_upsert_v5` on hashes,
+/// `ew_json_upsert_v5` on JSON documents).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DocFn {
     Upsert,
@@ -54,16 +54,16 @@ impl DocFn {
     pub fn name(self, storage: Storage) -> &'static str {
         use DocFn::*;
         match (storage, self) {
-            (Storage::Hash, Upsert) => "ew_upsert_v4",
-            (Storage::Hash, Touch) => "ew_touch_v4",
-            (Storage::Hash, Delete) => "ew_delete_v4",
-            (Storage::Hash, Reembed) => "ew_reembed_v4",
-            (Storage::Hash, Retire) => "ew_retire_v4",
-            (Storage::Json, Upsert) => "ew_json_upsert_v4",
-            (Storage::Json, Touch) => "ew_json_touch_v4",
-            (Storage::Json, Delete) => "ew_json_delete_v4",
-            (Storage::Json, Reembed) => "ew_json_reembed_v4",
-            (Storage::Json, Retire) => "ew_json_retire_v4",
+            (Storage::Hash, Upsert) => "ew_upsert_v5",
+            (Storage::Hash, Touch) => "ew_touch_v5",
+            (Storage::Hash, Delete) => "ew_delete_v5",
+            (Storage::Hash, Reembed) => "ew_reembed_v5",
+            (Storage::Hash, Retire) => "ew_retire_v5",
+            (Storage::Json, Upsert) => "ew_json_upsert_v5",
+            (Storage::Json, Touch) => "ew_json_touch_v5",
+            (Storage::Json, Delete) => "ew_json_delete_v5",
+            (Storage::Json, Reembed) => "ew_json_reembed_v5",
+            (Storage::Json, Retire) => "ew_json_retire_v5",
         }
     }
 }
@@ -139,6 +139,8 @@ pub struct DocStore {
     numeric: Vec<String>,
     text_field: String,
     parent_field: String,
+    /// The index's key prefix (`index.prefix`).
+    prefix: String,
     tombstone_prefix: String,
     tombstone_ttl: Duration,
     /// The index's model record (see [`super::generation`]).
@@ -146,6 +148,9 @@ pub struct DocStore {
     /// This writer's model and the hash field its vectors go to: known once start-up has
     /// checked the model against the index's record.
     writer: OnceLock<Writer>,
+    /// Whether the server is a Redis Cluster: there every key of one call must share a slot,
+    /// so chunk keys carry the document key as a hash tag and the record stays out of the call.
+    cluster: OnceLock<bool>,
 }
 
 /// Who writes: the model's fingerprint, and the hash field its vectors go to (the index's
@@ -163,11 +168,22 @@ impl DocStore {
             numeric: s.index.numeric_fields(),
             text_field: s.stream.text_field.clone(),
             parent_field: s.chunk.parent_field.clone(),
+            prefix: s.index.prefix.clone(),
             tombstone_prefix: s.index.tombstone_prefix.clone(),
             tombstone_ttl: s.index.tombstone_ttl,
             record_key: super::generation::record_key(&s.index.name),
             writer: OnceLock::new(),
+            cluster: OnceLock::new(),
         }
+    }
+
+    /// Says, once (start-up), whether the server is a Redis Cluster.
+    pub fn set_cluster(&self, cluster: bool) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    fn on_cluster(&self) -> bool {
+        self.cluster.get().copied().unwrap_or(false)
     }
 
     /// A field's value as stored: as given in a hash; on JSON, a JSON number for a NUMERIC
@@ -210,16 +226,44 @@ impl DocStore {
             .expect("the writer is set at start-up, before any write")
     }
 
-    /// The key of chunk `n` of the multi-chunk document at `key`.
-    pub fn chunk_key(key: &str, n: usize) -> String {
-        format!("{key}{CHUNK_SEPARATOR}{n}")
+    /// The key of chunk `n` of the multi-chunk document at `key`: `key#n`, which on one server
+    /// is all it needs. On a cluster it must hash to the document's slot: a key with a hash tag
+    /// keeps it (`doc:{a}#0`); any other is wrapped as the tag, after the index prefix so the
+    /// chunk stays indexed (`doc:{doc:42}#0`, in the slot of `doc:42`).
+    pub fn chunk_key(&self, key: &str, n: usize) -> String {
+        if !self.on_cluster() || hash_tag(key).is_some() {
+            return format!("{key}{CHUNK_SEPARATOR}{n}");
+        }
+        format!("{}{{{key}}}{CHUNK_SEPARATOR}{n}", self.prefix)
     }
 
-    /// The tombstone of the document at `key`: outside the index prefix, and hash-tagged with
-    /// the document key so both live in one slot (one FCALL may touch them together).
+    /// The tombstone of the document at `key`: outside the index prefix, and in the document's
+    /// slot so one FCALL may touch both: tagged with the key (`embed:tomb:{doc:42}`), or, for
+    /// a key with its own hash tag on a cluster, carrying that tag (`embed:tomb:doc:{a}`).
     pub fn tombstone_key(&self, key: &str) -> String {
+        if self.on_cluster() && hash_tag(key).is_some() {
+            return format!("{}{key}", self.tombstone_prefix);
+        }
         format!("{}{{{key}}}", self.tombstone_prefix)
     }
+
+    /// The model record as a document function's KEYS[3]: on a cluster it is in another slot,
+    /// so the document key stands in (documents.lua `record_in_reach`).
+    fn record_arg<'k>(&'k self, key: &'k str) -> &'k str {
+        if self.on_cluster() {
+            key
+        } else {
+            &self.record_key
+        }
+    }
+}
+
+/// The hash tag of `key` as Redis Cluster reads it: what lies between the first `{` and the
+/// next `}`, when not empty. A key without one hashes whole.
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let close = key[open + 1..].find('}')?;
+    (close > 0).then(|| &key[open + 1..open + 1 + close])
 }
 
 /// One change to one document.
@@ -423,9 +467,9 @@ fn push_call(
         .arg(3 + chunk_keys)
         .arg(key)
         .arg(store.tombstone_key(key))
-        .arg(&store.record_key);
+        .arg(store.record_arg(key));
     for n in 0..chunk_keys {
-        cmd.arg(DocStore::chunk_key(key, n));
+        cmd.arg(store.chunk_key(key, n));
     }
     match change {
         Change::Touch {
@@ -446,6 +490,7 @@ fn push_call(
             for (k, v) in fields {
                 cmd.arg(*k).arg(store.value(k, v).as_ref());
             }
+            cmd.arg(&writer.vector_field);
         }
         Change::Upsert {
             version,
@@ -582,19 +627,23 @@ fn is_missing_function(err: &RedisError) -> bool {
         .contains("function not found")
 }
 
-/// Loads the function library unless the server already has this version. True if it loaded.
+/// Loads the function library unless the server (on a cluster: every primary) already has this
+/// version. True if it loaded.
 pub async fn ensure_library(conn: &mut Conn) -> Result<bool, RedisError> {
-    let loaded: Result<String, RedisError> = ::redis::cmd("FCALL")
-        .arg(FN_LIBRARY_VERSION)
-        .arg(0)
-        .query_async(conn)
-        .await;
-    match loaded {
-        Ok(v) if v == LIBRARY_VERSION => Ok(false),
-        Ok(_) => load_library(conn).await.map(|()| true),
-        Err(e) if is_missing_function(&e) => load_library(conn).await.map(|()| true),
-        Err(e) => Err(e),
+    let mut version = ::redis::cmd("FCALL");
+    version.arg(FN_LIBRARY_VERSION).arg(0);
+    for node in conn.on_primaries(&version).await? {
+        let current = match node.reply {
+            Ok(v) => ::redis::from_redis_value::<String>(v).ok() == Some(LIBRARY_VERSION.into()),
+            Err(e) if is_missing_function(&e) => false,
+            Err(e) => return Err(e),
+        };
+        if !current {
+            // FUNCTION LOAD goes to every primary.
+            return load_library(conn).await.map(|()| true);
+        }
     }
+    Ok(false)
 }
 
 async fn load_library(conn: &mut Conn) -> Result<(), RedisError> {
@@ -616,6 +665,32 @@ mod tests {
             Value::ServerError(e) => RedisError::from(e),
             other => panic!("not an error reply: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_documents_keys_share_its_slot_on_a_cluster_and_stay_as_they_were_on_one_server() {
+        let settings = crate::settings::Settings::load_from(None, Vec::new()).unwrap();
+        let single = DocStore::from_settings(&settings);
+        single.set_cluster(false);
+        assert_eq!(single.chunk_key("doc:42", 1), "doc:42#1");
+        assert_eq!(single.tombstone_key("doc:42"), "embed:tomb:{doc:42}");
+        assert_eq!(single.tombstone_key("doc:{a}"), "embed:tomb:{doc:{a}}");
+        let cluster = DocStore::from_settings(&settings);
+        cluster.set_cluster(true);
+        assert_eq!(cluster.chunk_key("doc:42", 0), "doc:{doc:42}#0");
+        assert_eq!(cluster.tombstone_key("doc:42"), "embed:tomb:{doc:42}");
+        assert_eq!(cluster.chunk_key("doc:{a}", 2), "doc:{a}#2");
+        assert_eq!(cluster.tombstone_key("doc:{a}"), "embed:tomb:doc:{a}");
+        // Each derived key hashes like its document.
+        let slot_of = |k: &str| hash_tag(k).unwrap_or(k).to_string();
+        for key in ["doc:42", "doc:{a}", "doc:{open"] {
+            for derived in [cluster.chunk_key(key, 3), cluster.tombstone_key(key)] {
+                assert_eq!(slot_of(&derived), slot_of(key), "{derived} for {key}");
+            }
+        }
+        assert_eq!(hash_tag("a{b}c{d}"), Some("b"));
+        assert_eq!(hash_tag("a{}b"), None);
+        assert_eq!(hash_tag("a{b"), None);
     }
 
     #[test]

@@ -13,7 +13,9 @@ pub mod generation;
 pub mod index;
 pub mod query;
 pub mod reindex;
+pub mod replicas;
 pub mod reply;
+pub mod shards;
 pub mod stream;
 
 pub use connect::{Disposition, Store, StoreError};

@@ -412,7 +412,7 @@ fn parse_entries(entries: Value, read: &mut Read) {
 }
 
 /// XACK the given entry IDs.
-pub async fn ack(conn: &mut Conn, g: &GroupRef, ids: &[String]) -> Result<u64, RedisError> {
+pub async fn ack(conn: &mut Conn, g: &GroupRef, ids: &[&str]) -> Result<u64, RedisError> {
     if ids.is_empty() {
         return Ok(0);
     }
@@ -427,6 +427,8 @@ pub async fn ack(conn: &mut Conn, g: &GroupRef, ids: &[String]) -> Result<u64, R
 /// A dead letter as written: the entry, why, and in what words.
 pub struct DeadLetterRecord<'a> {
     pub entry: &'a RawEntry,
+    /// The stream (shard) it was read from.
+    pub stream: &'a str,
     pub reason: &'a str,
     pub detail: &'a str,
 }
@@ -443,7 +445,7 @@ pub struct DeadLetterRecord<'a> {
 /// worker's dead letters land in between (then theirs are counted here too, or ours missed).
 pub async fn add_dead_letters(
     conn: &mut Conn,
-    g: &GroupRef,
+    consumer: &str,
     dead_stream: &str,
     maxlen: u64,
     letters: &[DeadLetterRecord<'_>],
@@ -462,7 +464,7 @@ pub async fn add_dead_letters(
         for (k, v) in &l.entry.fields {
             cmd.arg(k.as_slice()).arg(v.as_slice());
         }
-        for (k, v) in dead_metadata(l, g) {
+        for (k, v) in dead_metadata(l, consumer) {
             cmd.arg(k).arg(v);
         }
     }
@@ -490,14 +492,14 @@ pub const DEAD_FIELDS: [&str; 6] = [
 
 fn dead_metadata(
     l: &DeadLetterRecord<'_>,
-    g: &GroupRef,
+    consumer: &str,
 ) -> impl Iterator<Item = (&'static str, String)> {
     let values = [
         l.reason.to_string(),
         l.detail.to_string(),
         l.entry.id.clone(),
-        g.stream.clone(),
-        g.consumer.clone(),
+        l.stream.to_string(),
+        consumer.to_string(),
         l.entry.deliveries.to_string(),
     ];
     DEAD_FIELDS.into_iter().zip(values)

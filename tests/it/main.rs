@@ -15,5 +15,6 @@ mod model_identity;
 mod ops;
 mod reindex;
 mod reliability;
+mod shards;
 mod storage;
 mod worker;

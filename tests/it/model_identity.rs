@@ -487,10 +487,10 @@ async fn loading_this_library_leaves_an_older_one_in_place() {
         .arg(0)
         .query(&mut conn)
         .unwrap();
-    let v4: String = ::redis::cmd("FCALL")
-        .arg("ew_library_version_v4")
+    let v5: String = ::redis::cmd("FCALL")
+        .arg("ew_library_version_v5")
         .arg(0)
         .query(&mut conn)
         .unwrap();
-    assert_eq!((v3.as_str(), v4.as_str()), ("3", "4"));
+    assert_eq!((v3.as_str(), v5.as_str()), ("3", "5"));
 }

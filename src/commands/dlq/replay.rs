@@ -28,11 +28,13 @@ pub async fn run(
     args: Args,
 ) -> anyhow::Result<ExitCode> {
     let stream = &settings.stream.name;
+    let router = crate::store::shards::Router::new(&settings.stream);
     let dead_stream = settings.dead_letter_stream();
     let letters = select(settings, store, conn, &args.filter.filter()).await?;
     // A shared dead-letter stream may hold other streams' entries: those go back to theirs,
     // which this command (configured for one stream) does not decide for them.
-    let (mine, others): (Vec<_>, Vec<_>) = letters.into_iter().partition(|l| l.stream == *stream);
+    let (mine, others): (Vec<_>, Vec<_>) =
+        letters.into_iter().partition(|l| router.holds(&l.stream));
     if !others.is_empty() {
         eprintln!(
             "skipped {} dead letter(s) from other streams (first: {} from {})",
@@ -51,7 +53,13 @@ pub async fn run(
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let added = dead_letters::replay(conn, stream, &dead_stream, &mine)
+    // Each back to the shard its id belongs to now (the one it came from unless
+    // `stream.shards` changed since).
+    let targets: Vec<String> = mine
+        .iter()
+        .map(|l| router.key_for(&l.fields).to_string())
+        .collect();
+    let added = dead_letters::replay(conn, &targets, &dead_stream, &mine)
         .await
         .map_err(|e| store.error(e))?;
     for (l, new_id) in mine.iter().zip(&added) {
