@@ -105,7 +105,10 @@ pub async fn collect(conn: &mut Conn, settings: &Settings) -> Result<Stats, Redi
     for stream in crate::store::shards::keys(&settings.stream) {
         let group = stream::group_info(conn, &stream, group_name).await?;
         if group.is_some() {
-            merge_consumers(&mut consumers, self::consumers(conn, &stream, group_name).await?);
+            merge_consumers(
+                &mut consumers,
+                self::consumers(conn, &stream, group_name).await?,
+            );
         }
         shards.push(ShardStats {
             stream: StreamStats {

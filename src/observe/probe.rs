@@ -142,7 +142,8 @@ async fn check(
         oldest_pending_age: Duration::ZERO,
     });
     for stream in &target.streams {
-        let (Some(sum), Some(shard)) = (group.as_mut(), shard_round(c, stream, &target.group).await?)
+        let (Some(sum), Some(shard)) =
+            (group.as_mut(), shard_round(c, stream, &target.group).await?)
         else {
             group = None;
             break;

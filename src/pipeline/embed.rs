@@ -85,8 +85,7 @@ pub async fn embedder(
 /// the exit does not push them towards `max_deliveries` for a text they do not contain. Best
 /// effort, on a fresh connection: if it fails, their counts rise by one, as after a crash.
 async fn spare_the_bystanders(ctx: &Ctx, stuck: &[String]) {
-    let mut bystanders: std::collections::BTreeMap<usize, Vec<(String, u64)>> =
-        Default::default();
+    let mut bystanders: std::collections::BTreeMap<usize, Vec<(String, u64)>> = Default::default();
     for (e, n) in ctx.leases.held_with_deliveries() {
         if !stuck.contains(&e.id) {
             bystanders

@@ -9,6 +9,7 @@ use tokio::sync::{watch, Notify};
 
 use super::entry::EntryRules;
 use super::lease::Leases;
+use super::op::EntryRef;
 use super::read_ahead::ReadAhead;
 use super::WorkerError;
 use crate::model::Fingerprint;
@@ -16,7 +17,6 @@ use crate::observe::{Health, Metrics};
 use crate::settings::Settings;
 use crate::store::connect::{Backoff, Disposition, Store, StoreError};
 use crate::store::documents::DocStore;
-use super::op::EntryRef;
 use crate::store::shards;
 use crate::store::stream::GroupRef;
 

@@ -87,6 +87,9 @@ mod tests {
     fn connected_replicas_are_read_from_info() {
         let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\nslave0:ip=...\r\n";
         assert_eq!(super::parse_connected(info), 2);
-        assert_eq!(super::parse_connected("# Replication\r\nrole:master\r\n"), 0);
+        assert_eq!(
+            super::parse_connected("# Replication\r\nrole:master\r\n"),
+            0
+        );
     }
 }

@@ -86,7 +86,11 @@ mod tests {
     #[test]
     fn the_rule_matches_zlib_crc32_and_the_documented_keys() {
         // python3 -c 'import zlib; print(hex(zlib.crc32(b"123456789")))' prints 0xcbf43926.
-        assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926, "CRC-32/ISO-HDLC check value");
+        assert_eq!(
+            crc32fast::hash(b"123456789"),
+            0xCBF4_3926,
+            "CRC-32/ISO-HDLC check value"
+        );
         assert_eq!(of(b"123456789", 3), (0xCBF4_3926u32 % 3) as usize);
         assert_eq!(of(b"anything", 1), 0);
         assert_eq!(key("embed:docs", 1, 0), "embed:docs");

@@ -72,11 +72,12 @@ fn sharded_streams_follow_the_documented_rule_and_drain_through_one_group() {
         assert_eq!(n, 1, "{id} written");
     }
     for key in &used {
-        let pending: (u64, Option<String>, Option<String>, ::redis::Value) = ::redis::cmd("XPENDING")
-            .arg(key.as_str())
-            .arg(&names.group)
-            .query(&mut conn)
-            .unwrap();
+        let pending: (u64, Option<String>, Option<String>, ::redis::Value) =
+            ::redis::cmd("XPENDING")
+                .arg(key.as_str())
+                .arg(&names.group)
+                .query(&mut conn)
+                .unwrap();
         assert_eq!(pending.0, 0, "{key} has nothing pending");
     }
     let letters: Vec<(String, Vec<(String, String)>)> = ::redis::cmd("XRANGE")
