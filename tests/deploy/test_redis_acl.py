@@ -215,19 +215,19 @@ def test_worker_can_run_the_whole_pipeline(redis_server):
     assert worker.ping()
     assert worker.client_setname(consumer)
     assert worker.execute_command("CLIENT", "SETINFO", "LIB-NAME", "redis-rs")
-    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v4"
+    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v5"
     # Start-up: the model record (none yet), the index it would name, then ew_adopt records this
     # worker's model as the index's and answers the record.
     assert worker.hgetall(RECORD) == {}
     with pytest.raises(ResponseError, match="Unknown index name|no such index"):
         worker.execute_command("FT.INFO", INDEX)
-    adopted = worker.fcall("ew_adopt_v4", 1, RECORD, FP1, "all-MiniLM-L6-v2", INDEX, "embedding")
+    adopted = worker.fcall("ew_adopt_v5", 1, RECORD, FP1, "all-MiniLM-L6-v2", INDEX, "embedding")
     record = dict(zip(adopted[::2], adopted[1::2]))
     assert record == {"fingerprint": FP1, "model": "all-MiniLM-L6-v2", "index": INDEX,
                       "vector_field": "embedding", "writers": FP1}
     assert worker.hgetall(RECORD) == record
     # A second worker of another model gets the same record back, unchanged.
-    assert worker.fcall("ew_adopt_v4", 1, RECORD, FP2, "other", INDEX, "embedding") == adopted
+    assert worker.fcall("ew_adopt_v5", 1, RECORD, FP2, "other", INDEX, "embedding") == adopted
     worker.xgroup_create(STREAM, GROUP, id="$", mkstream=True)
     assert create_index(worker)
     assert worker.execute_command("FT.INFO", INDEX)
@@ -253,41 +253,41 @@ def test_worker_can_run_the_whole_pipeline(redis_server):
             # KEYS: the document, its tombstone, the model record, its chunk 0; ARGV: version,
             # entry, the writer's fingerprint, the text's digest, 1 chunk, 0 shared fields, then
             # the chunk's 3 field pairs (src/store/documents.lua).
-            pipe.fcall("ew_upsert_v4", 4, *doc_keys(key), "0", entry, FP1, f"digest{i}", "1", "0", "3",
+            pipe.fcall("ew_upsert_v5", 4, *doc_keys(key), "0", entry, FP1, f"digest{i}", "1", "0", "3",
                        "content", f"doc {i}", "genre", "g", "embedding", vec(i, 0, 0, 0))
         assert pipe.execute() == ["written"] * 3
     # A writer of another model is refused: the index holds FP1's vectors.
-    assert worker.fcall("ew_upsert_v4", 4, *doc_keys(f"{PREFIX}0"), "0", ids[2], FP2, "d", "1", "0", "1",
+    assert worker.fcall("ew_upsert_v5", 4, *doc_keys(f"{PREFIX}0"), "0", ids[2], FP2, "d", "1", "0", "1",
                         "content", "x") == f"model {FP1}"
     # An unchanged re-feed: ew_touch (HGETALL, EXISTS, HMGET of the record) advances the version
     # without the model. ARGV: version, entry, fingerprint, digest, the text field, the parent
     # field and value, then the entry's field pairs.
-    assert worker.fcall("ew_touch_v4", 4, *doc_keys(f"{PREFIX}0"), "1", ids[0], FP1, "digest0", "content",
+    assert worker.fcall("ew_touch_v5", 4, *doc_keys(f"{PREFIX}0"), "1", ids[0], FP1, "digest0", "content",
                         "parent", "0", "2", "content", "doc 0", "genre", "g") == "unchanged"
-    assert worker.fcall("ew_touch_v4", 4, *doc_keys(f"{PREFIX}1"), "1", ids[1], FP1, "other digest",
+    assert worker.fcall("ew_touch_v5", 4, *doc_keys(f"{PREFIX}1"), "1", ids[1], FP1, "other digest",
                         "content", "parent", "1", "1", "content", "new text") == "changed"
-    assert worker.fcall("ew_touch_v4", 4, *doc_keys(f"{PREFIX}8"), "1", ids[1], FP1, "d", "content",
+    assert worker.fcall("ew_touch_v5", 4, *doc_keys(f"{PREFIX}8"), "1", ids[1], FP1, "d", "content",
                         "parent", "8", "1", "content", "never written") == "changed"
     # A document of two chunks: doc:7#0 and doc:7#1, each with the shared parent field.
     long_key = f"{PREFIX}7"
     chunk = lambda n: ["5", "content", f"part {n}", "chunk", str(n), "chunk_start", "0", "chunk_end", "4",
                        "embedding", vec(n, 1, 0, 0)]
-    assert worker.fcall("ew_upsert_v4", 5, *doc_keys(long_key, 2), "0", ids[1], FP1, "digest7",
+    assert worker.fcall("ew_upsert_v5", 5, *doc_keys(long_key, 2), "0", ids[1], FP1, "digest7",
                         "2", "1", "parent", "7", *chunk(0), *chunk(1)) == "written"
     # Touching it declaring only chunk 0 asks for the keys of both; with both, each chunk keeps its
     # text, number, span and vector, and takes the entry's other fields (a changed genre).
-    assert worker.fcall("ew_touch_v4", 4, *doc_keys(long_key), "1", ids[1], FP1, "digest7", "content",
+    assert worker.fcall("ew_touch_v5", 4, *doc_keys(long_key), "1", ids[1], FP1, "digest7", "content",
                         "parent", "7", "2", "content", "part 0 part 1", "genre", "h") == "keys 2"
-    assert worker.fcall("ew_touch_v4", 5, *doc_keys(long_key, 2), "1", ids[1], FP1, "digest7", "content",
+    assert worker.fcall("ew_touch_v5", 5, *doc_keys(long_key, 2), "1", ids[1], FP1, "digest7", "content",
                         "parent", "7", "2", "content", "part 0 part 1", "genre", "h") == "unchanged"
     assert admin.hmget(f"{long_key}#1", "content", "genre", "chunk", "__ew_version") == ["part 1", "h", "1", "1"]
     # Deleting it declaring only chunk 0 changes nothing and asks for the keys of both.
     # ARGV: version, entry, tombstone TTL, the writer's fingerprint.
-    assert worker.fcall("ew_delete_v4", 4, *doc_keys(long_key), "1", ids[2], "60000", FP1) == "keys 2"
-    assert worker.fcall("ew_delete_v4", 5, *doc_keys(long_key, 2), "1", ids[2], "60000", FP2) == f"model {FP1}"
-    assert worker.fcall("ew_delete_v4", 5, *doc_keys(long_key, 2), "1", ids[2], "60000", FP1) == "deleted"
+    assert worker.fcall("ew_delete_v5", 4, *doc_keys(long_key), "1", ids[2], "60000", FP1) == "keys 2"
+    assert worker.fcall("ew_delete_v5", 5, *doc_keys(long_key, 2), "1", ids[2], "60000", FP2) == f"model {FP1}"
+    assert worker.fcall("ew_delete_v5", 5, *doc_keys(long_key, 2), "1", ids[2], "60000", FP1) == "deleted"
     # A delete of a document never written: nothing goes, a tombstone stays.
-    assert worker.fcall("ew_delete_v4", 4, *doc_keys(f"{PREFIX}9"), "0", ids[2], "60000", FP1) == "absent"
+    assert worker.fcall("ew_delete_v5", 4, *doc_keys(f"{PREFIX}9"), "0", ids[2], "60000", FP1) == "absent"
     assert admin.get(tomb(f"{PREFIX}9")) == f"0 {ids[2]}"
     assert worker.xack(STREAM, GROUP, ids[0], ids[1]) == 2
 
@@ -330,20 +330,20 @@ def test_worker_uses_the_index_a_reindex_made(redis_server):
 
 
 def test_worker_can_run_the_json_pipeline(redis_server):
-    # index.storage = "json": the same pipeline through ew_json_upsert_v4, ew_json_touch_v4 and
-    # ew_json_delete_v4, whose arguments are JSON text (field values as JSON strings, vectors as
+    # index.storage = "json": the same pipeline through ew_json_upsert_v5, ew_json_touch_v5 and
+    # ew_json_delete_v5, whose arguments are JSON text (field values as JSON strings, vectors as
     # arrays), on RedisJSON documents, as the embed-worker user.
     admin = redis_server.client()
     admin.flushall()
     worker = login(redis_server, "embed-worker")
-    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v4"
-    worker.fcall("ew_adopt_v4", 1, RECORD, FP1, "all-MiniLM-L6-v2", INDEX, "embedding")
+    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v5"
+    worker.fcall("ew_adopt_v5", 1, RECORD, FP1, "all-MiniLM-L6-v2", INDEX, "embedding")
     assert create_json_index(worker)
     entries = ["1-0", "2-0", "3-0"]
 
     with worker.pipeline(transaction=False) as pipe:  # as the worker writes: no MULTI
         for i, entry in enumerate(entries):
-            pipe.fcall("ew_json_upsert_v4", 4, *doc_keys(f"{PREFIX}{i}"), "0", entry, FP1, f"digest{i}", "1", "0",
+            pipe.fcall("ew_json_upsert_v5", 4, *doc_keys(f"{PREFIX}{i}"), "0", entry, FP1, f"digest{i}", "1", "0",
                        "3", "content", js(f"doc {i}"), "genre", js("g"), "embedding", jvec(i, 0, 0, 0))
         assert pipe.execute() == ["written"] * 3
     assert admin.type(f"{PREFIX}0") == "ReJSON-RL"
@@ -351,27 +351,27 @@ def test_worker_can_run_the_json_pipeline(redis_server):
         "__ew_version": "0", "__ew_entry": "2-0", "__ew_model": FP1, "__ew_digest": "digest1",
         "content": "doc 1", "genre": "g", "embedding": [1.0, 0.0, 0.0, 0.0]}]
     # A writer of another model is refused (JSON.GET of the stored version, then the record).
-    assert worker.fcall("ew_json_upsert_v4", 4, *doc_keys(f"{PREFIX}0"), "0", "3-0", FP2, "d", "1", "0", "1",
+    assert worker.fcall("ew_json_upsert_v5", 4, *doc_keys(f"{PREFIX}0"), "0", "3-0", FP2, "d", "1", "0", "1",
                         "content", js("x")) == f"model {FP1}"
     # ew_json_touch: JSON.GET, EXISTS, the record's HMGET, then the whole document in one JSON.SET.
-    assert worker.fcall("ew_json_touch_v4", 4, *doc_keys(f"{PREFIX}0"), "1", entries[0], FP1, "digest0",
+    assert worker.fcall("ew_json_touch_v5", 4, *doc_keys(f"{PREFIX}0"), "1", entries[0], FP1, "digest0",
                         "content", "parent", "0", "2", "content", js("doc 0"), "genre", js("h")) == "unchanged"
     assert json.loads(admin.execute_command("JSON.GET", f"{PREFIX}0", "$.genre", "$.__ew_version", "$.embedding")) \
         == {"$.genre": ["h"], "$.__ew_version": ["1"], "$.embedding": [[0.0, 0.0, 0.0, 0.0]]}
-    assert worker.fcall("ew_json_touch_v4", 4, *doc_keys(f"{PREFIX}1"), "1", entries[1], FP1, "other digest",
+    assert worker.fcall("ew_json_touch_v5", 4, *doc_keys(f"{PREFIX}1"), "1", entries[1], FP1, "other digest",
                         "content", "parent", "1", "1", "content", js("new text")) == "changed"
-    assert worker.fcall("ew_json_touch_v4", 4, *doc_keys(f"{PREFIX}8"), "1", entries[1], FP1, "d", "content",
+    assert worker.fcall("ew_json_touch_v5", 4, *doc_keys(f"{PREFIX}8"), "1", entries[1], FP1, "d", "content",
                         "parent", "8", "1", "content", js("never written")) == "changed"
     # A document of two chunks: doc:7#0 and doc:7#1, each with the shared parent field.
     long_key = f"{PREFIX}7"
     chunk = lambda n: ["5", "content", js(f"part {n}"), "chunk", js(str(n)), "chunk_start", js("0"),
                        "chunk_end", js("4"), "embedding", jvec(n, 1, 0, 0)]
-    assert worker.fcall("ew_json_upsert_v4", 5, *doc_keys(long_key, 2), "0", entries[1], FP1, "digest7",
+    assert worker.fcall("ew_json_upsert_v5", 5, *doc_keys(long_key, 2), "0", entries[1], FP1, "digest7",
                         "2", "1", "parent", js("7"), *chunk(0), *chunk(1)) == "written"
     assert admin.exists(long_key) == 0
-    assert worker.fcall("ew_json_touch_v4", 4, *doc_keys(long_key), "1", entries[1], FP1, "digest7", "content",
+    assert worker.fcall("ew_json_touch_v5", 4, *doc_keys(long_key), "1", entries[1], FP1, "digest7", "content",
                         "parent", "7", "2", "content", js("part 0 part 1"), "genre", js("h")) == "keys 2"
-    assert worker.fcall("ew_json_touch_v4", 5, *doc_keys(long_key, 2), "1", entries[1], FP1, "digest7", "content",
+    assert worker.fcall("ew_json_touch_v5", 5, *doc_keys(long_key, 2), "1", entries[1], FP1, "digest7", "content",
                         "parent", "7", "2", "content", js("part 0 part 1"), "genre", js("h")) == "unchanged"
     assert json.loads(admin.execute_command("JSON.GET", f"{long_key}#1", "$.content", "$.genre", "$.chunk",
                                             "$.__ew_version", "$.embedding")) == {
@@ -383,32 +383,32 @@ def test_worker_can_run_the_json_pipeline(redis_server):
     )
     assert [r["id"] for r in res["results"]] == [f"{PREFIX}0", f"{PREFIX}1"]
     # ew_json_delete: JSON.GET, DEL, the tombstone's SET.
-    assert worker.fcall("ew_json_delete_v4", 4, *doc_keys(long_key), "1", entries[2], "60000", FP1) == "keys 2"
-    assert worker.fcall("ew_json_delete_v4", 5, *doc_keys(long_key, 2), "1", entries[2], "60000", FP2) \
+    assert worker.fcall("ew_json_delete_v5", 4, *doc_keys(long_key), "1", entries[2], "60000", FP1) == "keys 2"
+    assert worker.fcall("ew_json_delete_v5", 5, *doc_keys(long_key, 2), "1", entries[2], "60000", FP2) \
         == f"model {FP1}"
-    assert worker.fcall("ew_json_delete_v4", 5, *doc_keys(long_key, 2), "1", entries[2], "60000", FP1) == "deleted"
+    assert worker.fcall("ew_json_delete_v5", 5, *doc_keys(long_key, 2), "1", entries[2], "60000", FP1) == "deleted"
     assert admin.exists(long_key, f"{long_key}#0", f"{long_key}#1") == 0
-    assert worker.fcall("ew_json_delete_v4", 4, *doc_keys(f"{PREFIX}9"), "0", entries[2], "60000", FP1) == "absent"
+    assert worker.fcall("ew_json_delete_v5", 4, *doc_keys(f"{PREFIX}9"), "0", entries[2], "60000", FP1) == "absent"
     assert admin.get(tomb(f"{PREFIX}9")) == f"0 {entries[2]}"
     # A late upsert of an older version loses to the tombstone.
-    assert worker.fcall("ew_json_upsert_v4", 4, *doc_keys(f"{PREFIX}9"), "0", "2-0", FP1, "d", "1", "0", "1",
+    assert worker.fcall("ew_json_upsert_v5", 4, *doc_keys(f"{PREFIX}9"), "0", "2-0", FP1, "d", "1", "0", "1",
                         "content", js("late")) == "superseded"
 
 
 def test_worker_functions_run_only_the_json_commands_granted(redis_server):
-    # The ACL holds inside FCALL too: ew_json_reembed_v4 (the reindex's, JSON.MERGE) called as the
+    # The ACL holds inside FCALL too: ew_json_reembed_v5 (the reindex's, JSON.MERGE) called as the
     # worker stops at its JSON.MERGE, which the worker is not granted, and writes nothing.
     admin = redis_server.client()
     admin.flushall()
     worker = login(redis_server, "embed-worker")
-    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v4"
-    worker.fcall("ew_adopt_v4", 1, RECORD, FP1, "model-a", INDEX, "embedding")
-    assert worker.fcall("ew_json_upsert_v4", 4, *doc_keys(f"{PREFIX}1"), "0", "1-0", FP1, "d1", "1", "0", "2",
+    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v5"
+    worker.fcall("ew_adopt_v5", 1, RECORD, FP1, "model-a", INDEX, "embedding")
+    assert worker.fcall("ew_json_upsert_v5", 4, *doc_keys(f"{PREFIX}1"), "0", "1-0", FP1, "d1", "1", "0", "2",
                         "content", js("one"), "embedding", jvec(1, 0, 0, 0)) == "written"
     admin.hset(RECORD, mapping={"next_fingerprint": FP2, "next_vector_field": f"embedding@{FP2}"})
     before = admin.execute_command("JSON.GET", f"{PREFIX}1", "$")
     with pytest.raises(ResponseError, match="(?i)no permissions.*json.merge"):
-        worker.fcall("ew_json_reembed_v4", 2, f"{PREFIX}1", RECORD, "0", "1-0", FP2, jvec(0, 0, 1, 0))
+        worker.fcall("ew_json_reembed_v5", 2, f"{PREFIX}1", RECORD, "0", "1-0", FP2, jvec(0, 0, 1, 0))
     assert admin.execute_command("JSON.GET", f"{PREFIX}1", "$") == before
 
 
@@ -439,8 +439,8 @@ FORBIDDEN_FOR_WORKER = [
     ("SET", "doc:1", "x"),
     ("GET", "doc:1"),
     ("FUNCTION", "FLUSH"),
-    ("FUNCTION", "DELETE", "embed_worker_v4"),
-    ("FCALL_RO", "ew_library_version_v4", "0"),
+    ("FUNCTION", "DELETE", "embed_worker_v5"),
+    ("FCALL_RO", "ew_library_version_v5", "0"),
     ("EVALSHA", "0" * 40, "0"),
     ("XADD", "other:stream", "*", "f", "v"),
     ("XTRIM", "embed:docs", "MAXLEN", "0"),
@@ -495,18 +495,18 @@ def test_reindex_user_can_run_a_whole_reindex(redis_server):
     assert reindex.client_setname("embed-worker-reindex")
     assert reindex.execute_command("CLIENT", "SETINFO", "LIB-NAME", "redis-rs")
 
-    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v4"
-    worker.fcall("ew_adopt_v4", 1, RECORD, FP1, "model-a", INDEX, "embedding")
+    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v5"
+    worker.fcall("ew_adopt_v5", 1, RECORD, FP1, "model-a", INDEX, "embedding")
     assert create_index(worker)
-    assert worker.fcall("ew_upsert_v4", 4, *doc_keys(f"{PREFIX}1"), "0", "1-0", FP1, "d1", "1", "0", "2",
+    assert worker.fcall("ew_upsert_v5", 4, *doc_keys(f"{PREFIX}1"), "0", "1-0", FP1, "d1", "1", "0", "2",
                         "content", "one", "embedding", vec(1, 0, 0, 0)) == "written"
     chunk = lambda n: ["3", "content", f"part {n}", "chunk", str(n), "embedding", vec(n, 1, 0, 0)]
-    assert worker.fcall("ew_upsert_v4", 5, *doc_keys(f"{PREFIX}2", 2), "0", "2-0", FP1, "d2", "2", "1",
+    assert worker.fcall("ew_upsert_v5", 5, *doc_keys(f"{PREFIX}2", 2), "0", "2-0", FP1, "d2", "2", "1",
                         "parent", "2", *chunk(0), *chunk(1)) == "written"
 
     # The library: its version, and a (re)load when it is missing or older.
-    assert reindex.fcall("ew_library_version_v4", 0) == "4"
-    assert reindex.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v4"
+    assert reindex.fcall("ew_library_version_v5", 0) == "4"
+    assert reindex.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v5"
     # Begin: the record, the current index's size, the next model's index, the record names it.
     assert reindex.hgetall(RECORD)["fingerprint"] == FP1
     assert reindex.execute_command("FT.INFO", INDEX)
@@ -530,9 +530,9 @@ def test_reindex_user_can_run_a_whole_reindex(redis_server):
         rows = pipe.execute()
     with reindex.pipeline(transaction=False) as pipe:
         for key, (_, version, entry, _) in zip(found, rows):
-            pipe.fcall("ew_reembed_v4", 2, key, RECORD, version, entry, FP2, vec(0, 0, 1, 0))
+            pipe.fcall("ew_reembed_v5", 2, key, RECORD, version, entry, FP2, vec(0, 0, 1, 0))
         assert pipe.execute() == ["written"] * 3
-    assert reindex.fcall("ew_reembed_v4", 2, f"{PREFIX}1", RECORD, "0", "0-1", FP2, vec(0, 0, 1, 0)) == "changed"
+    assert reindex.fcall("ew_reembed_v5", 2, f"{PREFIX}1", RECORD, "0", "0-1", FP2, vec(0, 0, 1, 0)) == "changed"
     # Catch up: the next index finds what still lacks the next model's vector.
     info = reindex.execute_command("FT.INFO", nxt)
     assert info
@@ -541,7 +541,7 @@ def test_reindex_user_can_run_a_whole_reindex(redis_server):
     assert res["total_results"] == 0
     # Hold: writers refused, then the switch in one MULTI.
     assert reindex.hset(RECORD, mapping={"writers": "", "state": "switching"}) == 0
-    assert worker.fcall("ew_upsert_v4", 4, *doc_keys(f"{PREFIX}1"), "0", "3-0", FP1, "d", "1", "0", "1",
+    assert worker.fcall("ew_upsert_v5", 4, *doc_keys(f"{PREFIX}1"), "0", "3-0", FP1, "d", "1", "0", "1",
                         "content", "late") == f"model {FP1}"
     with reindex.pipeline(transaction=True) as tx:
         tx.execute_command("FT.DROPINDEX", INDEX)
@@ -556,14 +556,14 @@ def test_reindex_user_can_run_a_whole_reindex(redis_server):
     res = worker.execute_command("FT.SEARCH", INDEX, "*=>[KNN 1 @embedding $q AS score]", "PARAMS", "2",
                                  "q", vec(0, 0, 1, 0), "RETURN", "1", "score", "DIALECT", "2")
     assert res["total_results"] == 1
-    assert worker.fcall("ew_upsert_v4", 4, *doc_keys(f"{PREFIX}3"), "0", "4-0", FP2, "d3", "1", "0", "2",
+    assert worker.fcall("ew_upsert_v5", 4, *doc_keys(f"{PREFIX}3"), "0", "4-0", FP2, "d3", "1", "0", "2",
                         "content", "three", field, vec(0, 1, 0, 0)) == "written"
     # Drop old: the previous model's vector from every hash (ew_retire), then its record fields.
     with reindex.pipeline(transaction=False) as pipe:
         for key in found:
-            pipe.fcall("ew_retire_v4", 2, key, RECORD, "embedding", FP1)
+            pipe.fcall("ew_retire_v5", 2, key, RECORD, "embedding", FP1)
         assert pipe.execute() == ["retired"] * 3
-    assert reindex.fcall("ew_retire_v4", 2, f"{PREFIX}3", RECORD, field, FP2) == "current"
+    assert reindex.fcall("ew_retire_v5", 2, f"{PREFIX}3", RECORD, field, FP2) == "current"
     assert reindex.hdel(RECORD, "old_fingerprint", "old_model", "old_index", "old_vector_field") == 4
     assert admin.hmget(f"{PREFIX}1", "embedding", "__ew_model") == [None, FP2]
     # A later reindex drops the then previous model's own index, outside the MULTI.
@@ -574,25 +574,25 @@ def test_reindex_user_can_run_a_whole_reindex(redis_server):
 
 def test_reindex_user_can_run_a_whole_json_reindex(redis_server):
     # The same reindex with index.storage = "json": SCAN ... TYPE ReJSON-RL, the reads as
-    # JSON.GET key $.a $.b ... (src/store/documents.rs read_fields), ew_json_reembed_v4 (JSON.GET,
-    # JSON.MERGE) and ew_json_retire_v4 (JSON.GET, JSON.DEL, JSON.MERGE), as embed-reindex.
+    # JSON.GET key $.a $.b ... (src/store/documents.rs read_fields), ew_json_reembed_v5 (JSON.GET,
+    # JSON.MERGE) and ew_json_retire_v5 (JSON.GET, JSON.DEL, JSON.MERGE), as embed-reindex.
     admin = redis_server.client()
     admin.flushall()
     worker = login(redis_server, "embed-worker")
     reindex = login(redis_server, "embed-reindex")
-    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v4"
-    worker.fcall("ew_adopt_v4", 1, RECORD, FP1, "model-a", INDEX, "embedding")
+    assert worker.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v5"
+    worker.fcall("ew_adopt_v5", 1, RECORD, FP1, "model-a", INDEX, "embedding")
     assert create_json_index(worker)
-    assert worker.fcall("ew_json_upsert_v4", 4, *doc_keys(f"{PREFIX}1"), "0", "1-0", FP1, "d1", "1", "0", "2",
+    assert worker.fcall("ew_json_upsert_v5", 4, *doc_keys(f"{PREFIX}1"), "0", "1-0", FP1, "d1", "1", "0", "2",
                         "content", js("one"), "embedding", jvec(1, 0, 0, 0)) == "written"
     chunk = lambda n: ["3", "content", js(f"part {n}"), "chunk", js(str(n)), "embedding", jvec(n, 1, 0, 0)]
-    assert worker.fcall("ew_json_upsert_v4", 5, *doc_keys(f"{PREFIX}2", 2), "0", "2-0", FP1, "d2", "2", "1",
+    assert worker.fcall("ew_json_upsert_v5", 5, *doc_keys(f"{PREFIX}2", 2), "0", "2-0", FP1, "d2", "2", "1",
                         "parent", js("2"), *chunk(0), *chunk(1)) == "written"
     # A hash under the prefix is not a JSON document: the scan passes it by.
     admin.hset(f"{PREFIX}h", "content", "a hash")
 
-    assert reindex.fcall("ew_library_version_v4", 0) == "4"
-    assert reindex.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v4"
+    assert reindex.fcall("ew_library_version_v5", 0) == "4"
+    assert reindex.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v5"
     assert reindex.hgetall(RECORD)["fingerprint"] == FP1
     assert reindex.execute_command("FT.INFO", INDEX)
     nxt, field = f"{INDEX}@{FP2}", f"embedding@{FP2}"
@@ -615,10 +615,10 @@ def test_reindex_user_can_run_a_whole_json_reindex(redis_server):
     assert {row["__ew_model"] for row in rows} == {FP1}
     with reindex.pipeline(transaction=False) as pipe:
         for key, row in zip(found, rows):
-            pipe.fcall("ew_json_reembed_v4", 2, key, RECORD, row["__ew_version"], row["__ew_entry"], FP2,
+            pipe.fcall("ew_json_reembed_v5", 2, key, RECORD, row["__ew_version"], row["__ew_entry"], FP2,
                        jvec(0, 0, 1, 0))
         assert pipe.execute() == ["written"] * 3
-    assert reindex.fcall("ew_json_reembed_v4", 2, f"{PREFIX}1", RECORD, "0", "0-1", FP2, jvec(0, 0, 1, 0)) \
+    assert reindex.fcall("ew_json_reembed_v5", 2, f"{PREFIX}1", RECORD, "0", "0-1", FP2, jvec(0, 0, 1, 0)) \
         == "changed"
     assert json.loads(admin.execute_command("JSON.GET", f"{PREFIX}1", json_path(field), "$.__ew_model")) == {
         json_path(field): [[0.0, 0.0, 1.0, 0.0]], "$.__ew_model": [f"{FP1} {FP2}"]}
@@ -637,14 +637,14 @@ def test_reindex_user_can_run_a_whole_json_reindex(redis_server):
     res = worker.execute_command("FT.SEARCH", INDEX, "*=>[KNN 1 @embedding $q AS score]", "PARAMS", "2",
                                  "q", vec(0, 0, 1, 0), "RETURN", "1", "score", "DIALECT", "2")
     assert res["total_results"] == 1
-    # Drop old: ew_json_retire_v4 removes the previous model's vector (JSON.DEL) and its fingerprint
+    # Drop old: ew_json_retire_v5 removes the previous model's vector (JSON.DEL) and its fingerprint
     # from __ew_model (JSON.MERGE).
     with reindex.pipeline(transaction=False) as pipe:
         for key in found:
-            pipe.fcall("ew_json_retire_v4", 2, key, RECORD, "embedding", FP1)
+            pipe.fcall("ew_json_retire_v5", 2, key, RECORD, "embedding", FP1)
         assert pipe.execute() == ["retired"] * 3
-    assert reindex.fcall("ew_json_retire_v4", 2, f"{PREFIX}1", RECORD, "embedding", FP1) == "none"
-    assert reindex.fcall("ew_json_retire_v4", 2, f"{PREFIX}1", RECORD, field, FP2) == "current"
+    assert reindex.fcall("ew_json_retire_v5", 2, f"{PREFIX}1", RECORD, "embedding", FP1) == "none"
+    assert reindex.fcall("ew_json_retire_v5", 2, f"{PREFIX}1", RECORD, field, FP2) == "current"
     assert reindex.hdel(RECORD, "old_fingerprint", "old_model", "old_index", "old_vector_field") == 4
     assert json.loads(admin.execute_command("JSON.GET", f"{PREFIX}1", "$.embedding", "$.__ew_model")) == {
         "$.embedding": [], "$.__ew_model": [FP2]}
@@ -671,12 +671,12 @@ FORBIDDEN_FOR_REINDEX = [
     ("HSET", "embed:docs", "f", "v"),
     ("EXISTS", "doc:1"),
     # The worker's own functions: their tombstone key is outside this user's patterns.
-    ("FCALL", "ew_upsert_v4", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", FP2, "d",
+    ("FCALL", "ew_upsert_v5", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", FP2, "d",
      "1", "0", "1", "content", "x"),
-    ("FCALL", "ew_delete_v4", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", "1000", FP2),
-    ("FCALL_RO", "ew_library_version_v4", "0"),
+    ("FCALL", "ew_delete_v5", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", "1000", FP2),
+    ("FCALL_RO", "ew_library_version_v5", "0"),
     ("FUNCTION", "FLUSH"),
-    ("FUNCTION", "DELETE", "embed_worker_v4"),
+    ("FUNCTION", "DELETE", "embed_worker_v5"),
     ("EVAL", "return 1", "0"),
     ("DISCARD",),
     ("FT.ALTER", INDEX, "SCHEMA", "ADD", "x", "TAG"),
@@ -701,11 +701,11 @@ FORBIDDEN_FOR_REINDEX = [
     ("JSON.GET", "other:1"),
     ("JSON.MERGE", "other:1", "$", "{}"),
     ("JSON.GET", "embed:tomb:{doc:1}"),
-    ("FCALL", "ew_json_upsert_v4", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", FP2, "d",
+    ("FCALL", "ew_json_upsert_v5", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", FP2, "d",
      "1", "0", "1", "content", '"x"'),
-    ("FCALL", "ew_json_touch_v4", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", FP2, "d",
+    ("FCALL", "ew_json_touch_v5", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", FP2, "d",
      "content", "parent", "1", "1", "content", '"x"'),
-    ("FCALL", "ew_json_delete_v4", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", "1000",
+    ("FCALL", "ew_json_delete_v5", "4", "doc:1", "embed:tomb:{doc:1}", RECORD, "doc:1#0", "0", "1-0", "1000",
      FP2),
 ]
 
