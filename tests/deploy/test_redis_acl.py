@@ -505,7 +505,7 @@ def test_reindex_user_can_run_a_whole_reindex(redis_server):
                         "parent", "2", *chunk(0), *chunk(1)) == "written"
 
     # The library: its version, and a (re)load when it is missing or older.
-    assert reindex.fcall("ew_library_version_v5", 0) == "4"
+    assert reindex.fcall("ew_library_version_v5", 0) == "5"
     assert reindex.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v5"
     # Begin: the record, the current index's size, the next model's index, the record names it.
     assert reindex.hgetall(RECORD)["fingerprint"] == FP1
@@ -591,7 +591,7 @@ def test_reindex_user_can_run_a_whole_json_reindex(redis_server):
     # A hash under the prefix is not a JSON document: the scan passes it by.
     admin.hset(f"{PREFIX}h", "content", "a hash")
 
-    assert reindex.fcall("ew_library_version_v5", 0) == "4"
+    assert reindex.fcall("ew_library_version_v5", 0) == "5"
     assert reindex.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY) == "embed_worker_v5"
     assert reindex.hgetall(RECORD)["fingerprint"] == FP1
     assert reindex.execute_command("FT.INFO", INDEX)
