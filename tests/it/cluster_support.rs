@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ::redis::{Cmd, FromRedisValue, RedisResult, ToRedisArgs, Value};
 
-use crate::common::{redis_modules, redis_server_bin};
+use crate::common::{load_modules, redis_server_bin};
 
 /// Hash slots in a Redis Cluster.
 pub const SLOTS: u16 = 16384;
@@ -110,13 +110,7 @@ impl Server {
             .args(["--appendonly", "yes", "--save", ""])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        for m in redis_modules() {
-            cmd.arg("--loadmodule").arg(&m);
-            // As common::RedisServer and scripts/redis.sh run it.
-            if m.file_name().is_some_and(|f| f == "redisearch.so") {
-                cmd.args(["PARTIAL_INDEXED_DOCS", "1"]);
-            }
-        }
+        load_modules(&mut cmd);
         self.child = Some(
             cmd.spawn()
                 .unwrap_or_else(|e| panic!("{}: {e}", bin.display())),

