@@ -25,6 +25,11 @@ USERS = {"embed-worker", "embed-reindex", "producer", "keda"}
 WORKER_COMMANDS = {
     # connection set-up (AUTH and HELLO are always allowed; HELLO is listed for clarity)
     "ping", "hello", "client|setname", "client|setinfo",
+    # one server or a cluster: `redis.cluster = "auto"` asks INFO cluster (only that section:
+    # INFO's first argument is restricted), the redis crate's cluster client fetches the slot map
+    # with CLUSTER SLOTS and sends ASKING before a command redirected by ASK (a slot being moved);
+    # `redis.wait_replicas` sends WAIT before acking
+    "info|cluster", "cluster|slots", "asking", "wait",
     # consume, ack, reclaim, renew the leases on entries in hand (XCLAIM ... JUSTID), dead-letter,
     # housekeeping
     "xreadgroup", "xack", "xadd", "xautoclaim", "xclaim", "xpending",
@@ -54,6 +59,8 @@ WORKER_SELECTORS = [
 # never the worker's.
 REINDEX_COMMANDS = {
     "ping", "hello", "client|setname", "client|setinfo",
+    # the same connection as the worker's, to one server or a cluster
+    "info|cluster", "cluster|slots", "asking",
     # every stored document, once (SCAN MATCH doc:* TYPE hash)
     "scan",
     # the library (loaded if missing or older), ew_reembed and ew_retire
@@ -73,8 +80,15 @@ REINDEX_SELECTORS = [
     ({"hmget", "hget", "hset", "hdel", "json.get", "json.merge", "json.del"}, ["doc:*"]),
     ({"hgetall", "hmget", "hget", "hset", "hdel"}, ["embed:index:*"]),
 ]
-PRODUCER_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo", "xadd"}
-KEDA_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo", "xinfo|groups", "xpending", "xlen"}
+# A producer on a cluster: `embed-worker enqueue` connects as the worker does; redis-py's and
+# go-redis's cluster clients also read the command table (COMMAND) to find each command's keys.
+PRODUCER_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo",
+                     "info|cluster", "cluster|slots", "asking", "command", "xadd"}
+# KEDA's redis-streams scalers: the lag trigger checks the server's version with a plain INFO
+# first (Redis 7+); redis-cluster-streams is go-redis's cluster client (CLUSTER SLOTS, COMMAND,
+# ASKING).
+KEDA_COMMANDS = {"ping", "hello", "client|setname", "client|setinfo", "info", "cluster|slots", "asking", "command",
+                 "xinfo|groups", "xpending", "xlen"}
 
 STREAM, GROUP, DEAD, INDEX, PREFIX = "embed:docs", "embedders", "embed:docs:dead", "vector_idx", "doc:"
 RECORD = f"embed:index:{{{INDEX}}}"
@@ -412,7 +426,27 @@ def test_worker_functions_run_only_the_json_commands_granted(redis_server):
     assert admin.execute_command("JSON.GET", f"{PREFIX}1", "$") == before
 
 
-FORBIDDEN_FOR_WORKER = [
+# What a cluster client never needs: the rest of INFO, other CLUSTER subcommands (topology
+# comes from CLUSTER SLOTS only), replica reads (READONLY: the worker reads primaries only).
+FORBIDDEN_CLUSTER_COMMANDS = [
+    ("INFO", "server"),
+    ("INFO", "keyspace"),
+    ("INFO", "everything"),
+    ("CLUSTER", "SHARDS"),
+    ("CLUSTER", "NODES"),
+    ("CLUSTER", "INFO"),
+    ("CLUSTER", "MYID"),
+    ("CLUSTER", "RESET"),
+    ("CLUSTER", "FAILOVER"),
+    ("CLUSTER", "FORGET", "0" * 40),
+    ("CLUSTER", "ADDSLOTS", "1"),
+    ("CLUSTER", "SETSLOT", "1", "STABLE"),
+    ("CLUSTER", "GETKEYSINSLOT", "1", "10"),
+    ("READONLY",),
+    ("READWRITE",),
+]
+
+FORBIDDEN_FOR_WORKER = FORBIDDEN_CLUSTER_COMMANDS + [
     ("FLUSHALL",),
     ("MULTI",),
     ("XCLAIM", "other:stream", "embedders", "c", "0", "0-1", "JUSTID"),
@@ -650,7 +684,8 @@ def test_reindex_user_can_run_a_whole_json_reindex(redis_server):
         "$.embedding": [], "$.__ew_model": [FP2]}
 
 
-FORBIDDEN_FOR_REINDEX = [
+FORBIDDEN_FOR_REINDEX = FORBIDDEN_CLUSTER_COMMANDS + [
+    ("WAIT", "0", "0"),
     ("FLUSHALL",),
     ("FLUSHDB",),
     ("KEYS", "*"),
@@ -721,7 +756,8 @@ def test_producer_can_only_add_documents(redis_server):
     assert producer.xadd(STREAM, {"id": "p1", "content": "hello"})
     for command in [("XADD", DEAD, "*", "f", "v"), ("XREADGROUP", "GROUP", GROUP, "c", "STREAMS", STREAM, ">"),
                     ("XLEN", STREAM), ("HSET", "doc:p1", "f", "v"), ("FT.SEARCH", INDEX, "*"),
-                    ("XTRIM", STREAM, "MAXLEN", "0")]:
+                    ("XTRIM", STREAM, "MAXLEN", "0"), ("INFO",), ("WAIT", "0", "0"),
+                    *FORBIDDEN_CLUSTER_COMMANDS]:
         with pytest.raises(NoPermissionError):
             producer.execute_command(*command)
 
@@ -739,6 +775,8 @@ def test_keda_user_reads_stream_metrics_only(redis_server):
     assert keda.xlen(STREAM) >= 1
     for command in [("XADD", STREAM, "*", "f", "v"), ("XACK", STREAM, GROUP, "0-1"),
                     ("XREADGROUP", "GROUP", GROUP, "c", "STREAMS", STREAM, ">"),
-                    ("HGETALL", "doc:1"), ("XINFO", "GROUPS", "other:stream"), ("FLUSHALL",)]:
+                    ("HGETALL", "doc:1"), ("XINFO", "GROUPS", "other:stream"), ("FLUSHALL",),
+                    ("WAIT", "0", "0"), ("CONFIG", "GET", "*"), ("CLIENT", "LIST"),
+                    *[c for c in FORBIDDEN_CLUSTER_COMMANDS if c[0] != "INFO"]]:
         with pytest.raises(NoPermissionError):
             keda.execute_command(*command)
