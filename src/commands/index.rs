@@ -1,10 +1,14 @@
-//! `embed-worker index create|drop|info`.
+//! `embed-worker index create|drop|info`. On a cluster without search coordinator each covers
+//! every primary's own index, and `info` shows each primary's after the sums.
 
 use std::process::ExitCode;
 
 use crate::model::EmbeddingConfig;
 use crate::settings::Settings;
+use crate::store::fanout::FanoutError;
 use crate::store::generation::{self, Generation};
+use crate::store::index::ShardInfo;
+use crate::store::reply::text;
 use crate::store::{index, Store};
 
 #[derive(Debug, clap::Args)]
@@ -90,45 +94,104 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
                     .map_err(|e| store.error(e))?;
                 println!("{} dropped", settings.index.name);
             }
-            Action::Info => match index::info(&mut conn, &settings.index.name)
-                .await
-                .map_err(|e| store.error(e))?
-            {
-                None => {
+            Action::Info => {
+                // Without a search coordinator: every primary's own index, summed, then each.
+                let shards = if index::per_shard(&mut conn).await {
+                    let shards = index::shard_infos(&mut conn, &settings.index.name)
+                        .await
+                        .map_err(|e| match e {
+                            FanoutError::Redis(e) => anyhow::Error::from(store.error(e)),
+                            other => anyhow::anyhow!("redis {}: {other}", store.url),
+                        })?;
+                    Some(shards)
+                } else {
+                    None
+                };
+                let info = match &shards {
+                    Some(shards) => index::merge_infos(&settings.index.name, shards),
+                    None => index::info(&mut conn, &settings.index.name)
+                        .await
+                        .map_err(|e| store.error(e))?,
+                };
+                let Some(info) = info else {
                     println!("{} does not exist", settings.index.name);
                     return Ok(ExitCode::FAILURE);
+                };
+                for key in [
+                    "index_name",
+                    "num_docs",
+                    "hash_indexing_failures",
+                    "indexing",
+                    "percent_indexed",
+                ] {
+                    if let Some((_, v)) = info.iter().find(|(k, _)| k == key) {
+                        println!("{key}: {}", crate::store::reply::text(v));
+                    }
                 }
-                Some(info) => {
-                    for key in [
-                        "index_name",
-                        "num_docs",
-                        "hash_indexing_failures",
-                        "indexing",
-                        "percent_indexed",
-                    ] {
-                        if let Some((_, v)) = info.iter().find(|(k, _)| k == key) {
-                            println!("{key}: {}", crate::store::reply::text(v));
-                        }
-                    }
-                    if let Some(r) = &record {
-                        println!("model: {} [{}]", r.current.model, r.current.fingerprint);
-                        if let Some((next, phase)) = &r.next {
-                            println!(
-                                "reindexing to: {} [{}] ({phase:?})",
-                                next.model, next.fingerprint
-                            );
-                        }
-                    }
-                    let id = index::identifier(settings.index.storage, &current.vector_field);
-                    if let Some(spec) = index::vector_spec(&info, &id) {
+                if let Some(r) = &record {
+                    println!("model: {} [{}]", r.current.model, r.current.fingerprint);
+                    if let Some((next, phase)) = &r.next {
                         println!(
-                            "vector: {} DIM {} {}",
-                            spec.data_type, spec.dim, spec.metric
+                            "reindexing to: {} [{}] ({phase:?})",
+                            next.model, next.fingerprint
                         );
                     }
                 }
-            },
+                let id = index::identifier(settings.index.storage, &current.vector_field);
+                if let Some(spec) = index::vector_spec(&info, &id) {
+                    println!(
+                        "vector: {} DIM {} {}",
+                        spec.data_type, spec.dim, spec.metric
+                    );
+                }
+                if let Some(shards) = &shards {
+                    print_shards(shards);
+                    // A primary without its index: searches fail until it has one.
+                    if shards.iter().any(|s| s.index.is_none()) {
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+            }
         }
         anyhow::Ok(ExitCode::SUCCESS)
     })
+}
+
+/// One line per primary: its index's counts, or what is wrong with it.
+fn print_shards(shards: &[ShardInfo]) {
+    println!(
+        "primaries: {} (no search coordinator: an index on each)",
+        shards.len()
+    );
+    for shard in shards {
+        match &shard.index {
+            Some((name, info)) => {
+                let get = |key: &str| {
+                    info.iter()
+                        .find(|(k, _)| k == key)
+                        .map(|(_, v)| text(v))
+                        .unwrap_or_default()
+                };
+                println!(
+                    "  {} {name}: num_docs {}, hash_indexing_failures {}, indexing {}, percent_indexed {}",
+                    shard.node,
+                    get("num_docs"),
+                    get("hash_indexing_failures"),
+                    get("indexing"),
+                    get("percent_indexed")
+                );
+            }
+            None => println!(
+                "  {} no index: its documents cannot be searched (`embed-worker index create`)",
+                shard.node
+            ),
+        }
+        for stranded in &shard.stranded {
+            println!(
+                "  {} stranded {stranded}: a reshard moved its name's slot to another primary; \
+                 it still indexes there, but no command reaches it until the slot moves back",
+                shard.node
+            );
+        }
+    }
 }

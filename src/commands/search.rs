@@ -1,13 +1,16 @@
 //! `embed-worker search TEXT [-k N] [--filter EXPR] [--chunks] [--json] [--return FIELD...]`.
 //! By default it prints the docs page's lines, one per document:
 //! `ID: doc:0, Distance:0.114169843495, Content:'That is a very happy person'`. A document cut
-//! into chunks is shown once, by its best chunk; `--chunks` shows every chunk hit instead.
+//! into chunks is shown once, by its best chunk; `--chunks` shows every chunk hit instead. On a
+//! cluster without search coordinator the query runs on every primary's own index and the hits
+//! are merged first (store::query::knn), so the output is the same as on one server.
 
 use std::process::ExitCode;
 
 use crate::model::Model;
 use crate::settings::Settings;
 use crate::store::documents::CHUNK_SEPARATOR;
+use crate::store::fanout::FanoutError;
 use crate::store::query::{self, Hit};
 use crate::store::{generation, Store};
 
@@ -80,17 +83,21 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
             args.k.saturating_mul(4).max(10)
         };
         loop {
-            let hits = query::knn(
-                &mut conn,
-                &settings.index.name,
-                &settings.index.vector_field,
-                &vector,
-                knn,
-                args.filter.as_deref(),
-                &asked,
-            )
+            let q = query::Knn {
+                index: &settings.index.name,
+                vector_field: &settings.index.vector_field,
+                vector: &vector,
+                k: knn,
+                filter: args.filter.as_deref(),
+                return_fields: &asked,
+                storage: settings.index.storage,
+            };
+            let hits = query::knn(&mut conn, &q)
             .await
-            .map_err(|e| anyhow::Error::from(store.error(e)))?;
+            .map_err(|e| match e {
+                FanoutError::Redis(e) => anyhow::Error::from(store.error(e)),
+                other => anyhow::anyhow!("redis {}: {other}", store.url),
+            })?;
             if args.chunks {
                 return Ok::<_, anyhow::Error>(hits);
             }
@@ -208,6 +215,33 @@ mod tests {
         // Without chunking a document may have its own "parent" field: it keeps its key.
         let docs = best_per_document(vec![hit("doc:9", "0.5", Some("x"))], "parent");
         assert_eq!(docs[0].key, "doc:9");
+    }
+
+    #[test]
+    fn chunks_merged_from_shards_show_once_per_document() {
+        // A document's chunks share its slot, so its shard: after the merge, each document is
+        // shown by its nearest chunk, in distance order, as on one node.
+        let merged = query::merge_nearest(
+            vec![
+                vec![
+                    hit("doc:1#0", "0.1", Some("1")),
+                    hit("doc:1#1", "0.35", Some("1")),
+                ],
+                vec![
+                    hit("doc:2#3", "0.2", Some("2")),
+                    hit("doc:2#0", "0.3", Some("2")),
+                    hit("doc:3", "0.4", None),
+                ],
+            ],
+            4,
+        );
+        let docs = best_per_document(merged, "parent");
+        let got: Vec<(&str, &str)> = docs
+            .iter()
+            .map(|h| (h.key.as_str(), h.distance.as_str()))
+            .collect();
+        // doc:3 (0.4) fell outside the 4 nearest chunks; `search` then asks for more.
+        assert_eq!(got, [("doc:1", "0.1"), ("doc:2", "0.2")]);
     }
 
     #[test]

@@ -1,11 +1,16 @@
-//! The FT index: created when missing, checked against the model when present.
+//! The FT index: created when missing, checked against the model when present, and how far
+//! the module has indexed. On a cluster whose search module has no coordinator every function
+//! here covers every primary's own index ([`super::fanout`]).
 
 use crate::store::cluster::Conn;
-use ::redis::Value;
+use ::redis::{ErrorKind, RedisError, Value};
 
 use super::connect::{Store, StoreError};
+use super::fanout::{self, FanoutError};
 use super::reply::{pairs, text};
 use crate::settings::{IndexSettings, Storage};
+
+pub use super::fanout::{coordinated, per_shard};
 
 /// The vector field facts an existing index must agree with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,16 +165,109 @@ pub fn field_names(info: &[(String, Value)]) -> Vec<String> {
         .collect()
 }
 
-/// FT.INFO as a flat map of top-level keys; `None` when the index does not exist.
-pub async fn info(
-    conn: &mut Conn,
-    name: &str,
-) -> Result<Option<Vec<(String, Value)>>, ::redis::RedisError> {
+/// FT.INFO as a flat map of top-level keys; `None` when the index does not exist. On a cluster
+/// without search coordinator, every primary's index in one: the first one's schema, with
+/// `index_name` the name asked for and the counts merged ([`merge_infos`]); `None` when no
+/// primary has one.
+pub async fn info(conn: &mut Conn, name: &str) -> Result<Option<Vec<(String, Value)>>, RedisError> {
+    if fanout::per_shard(conn).await {
+        let shards = shard_infos(conn, name).await.map_err(into_redis)?;
+        return Ok(merge_infos(name, &shards));
+    }
+    info_of(conn, name).await
+}
+
+/// FT.INFO of one index (routed by its name).
+async fn info_of(conn: &mut Conn, name: &str) -> Result<Option<Vec<(String, Value)>>, RedisError> {
     let reply: Result<Value, _> = ::redis::cmd("FT.INFO").arg(name).query_async(conn).await;
     match reply {
         Ok(value) => Ok(Some(pairs(&value))),
         Err(e) if is_unknown_index(&e) => Ok(None),
         Err(e) => Err(e),
+    }
+}
+
+/// One primary's own index of a name, on a cluster without search coordinator.
+#[derive(Debug, Clone)]
+pub struct ShardInfo {
+    /// "host:port".
+    pub node: String,
+    /// Its index's name and FT.INFO; None when it has none.
+    pub index: Option<(String, Vec<(String, Value)>)>,
+    /// Its indexes of the name that no command can reach any more (see [`super::fanout`]).
+    pub stranded: Vec<String>,
+}
+
+/// Every primary's index of `name` and its FT.INFO, in node order (FT.INFO on each at once).
+pub async fn shard_infos(conn: &mut Conn, name: &str) -> Result<Vec<ShardInfo>, FanoutError> {
+    let shards = fanout::shards(conn, name).await?;
+    let infos = futures::future::join_all(shards.into_iter().map(|shard| {
+        let conn = conn.clone();
+        async move {
+            let index = match shard.index {
+                None => None,
+                Some(index) => fanout::retrying(&shard.node, || {
+                    let mut conn = conn.clone();
+                    let index = index.clone();
+                    async move { info_of(&mut conn, &index).await }
+                })
+                .await?
+                .map(|info| (index, info)),
+            };
+            Ok::<_, FanoutError>(ShardInfo {
+                node: shard.node,
+                index,
+                stranded: shard.stranded,
+            })
+        }
+    }))
+    .await;
+    infos.into_iter().collect()
+}
+
+/// Shards' FT.INFO as one index's: the first index's schema and options, `index_name` = `name`,
+/// num_docs, num_records and hash_indexing_failures summed, `indexing` if any shard is,
+/// `percent_indexed` the least. `None` when no primary has the index.
+pub fn merge_infos(name: &str, shards: &[ShardInfo]) -> Option<Vec<(String, Value)>> {
+    let infos: Vec<&Vec<(String, Value)>> = shards
+        .iter()
+        .filter_map(|s| s.index.as_ref().map(|(_, info)| info))
+        .collect();
+    let mut merged = (*infos.first()?).clone();
+    let number = |info: &[(String, Value)], key: &str| {
+        info.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| text(v).parse::<f64>().ok())
+    };
+    let sum = |key: &str| infos.iter().filter_map(|i| number(i, key)).sum::<f64>();
+    let least = |key: &str| {
+        infos
+            .iter()
+            .filter_map(|i| number(i, key))
+            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
+    };
+    for (key, value) in merged.iter_mut() {
+        *value = match key.as_str() {
+            "index_name" => Value::BulkString(name.as_bytes().to_vec()),
+            "num_docs" | "num_records" | "hash_indexing_failures" => Value::Int(sum(key) as i64),
+            "indexing" => {
+                Value::Int(infos.iter().any(|i| number(i, "indexing") == Some(1.0)) as i64)
+            }
+            "percent_indexed" => match least(key) {
+                Some(p) => Value::BulkString(p.to_string().into_bytes()),
+                None => continue,
+            },
+            _ => continue,
+        };
+    }
+    Some(merged)
+}
+
+/// A fan-out failure as the Redis error the callers of [`info`] and [`drop`] expect.
+fn into_redis(e: FanoutError) -> RedisError {
+    match e {
+        FanoutError::Redis(error) | FanoutError::Shard { error, .. } => error,
+        other => RedisError::from((ErrorKind::Client, "index", other.to_string())),
     }
 }
 
@@ -218,7 +316,14 @@ pub fn vector_spec(info: &[(String, Value)], field: &str) -> Option<VectorSpec> 
 
 /// Creates the index when missing; refuses an existing one whose vector field disagrees. An
 /// existing index without the `parent` TAG field (made before chunking) gets it (FT.ALTER ...
-/// SCHEMA ADD, which indexes the documents already there in the background).
+/// SCHEMA ADD, which indexes the documents already there in the background). True when it
+/// created one.
+///
+/// On a cluster without search coordinator: the same on every primary's own index, each made
+/// under a name of its own slots where missing (a primary added since is picked up), all at
+/// once. Safe to call often: where every primary has its index it costs three commands on each
+/// primary (COMMAND INFO, FT._LIST, CLUSTER NODES) and one FT.INFO, concurrently, so about two
+/// round trips; on one server or with a coordinator one FT.INFO, as before.
 pub async fn ensure(
     store: &Store,
     conn: &mut Conn,
@@ -227,12 +332,97 @@ pub async fn ensure(
     parent: Option<&str>,
     dim: usize,
 ) -> Result<bool, StoreError> {
+    if !fanout::per_shard(conn).await {
+        return ensure_one(store, conn, settings, layout, parent, dim, None).await;
+    }
+    let shards = fanout::shards(conn, layout.name)
+        .await
+        .map_err(|e| fanout_error(store, e))?;
+    let results = futures::future::join_all(shards.iter().map(|shard| {
+        let mut conn = conn.clone();
+        async move {
+            let on_node = |e: StoreError| at_node(e, &shard.node);
+            let name = match &shard.index {
+                Some(name) => name.clone(),
+                None => shard
+                    .new_index_name(layout.name)
+                    .map_err(|e| on_node(fanout_error(store, e)))?,
+            };
+            let own = Layout {
+                name: &name,
+                ..*layout
+            };
+            let created = ensure_one(store, &mut conn, settings, &own, parent, dim, Some(&shard.node))
+                .await
+                .map_err(on_node)?;
+            if created {
+                tracing::info!(index = %name, node = %shard.node, "created the primary's own index");
+            }
+            Ok::<_, StoreError>(created)
+        }
+    }))
+    .await;
+    for shard in &shards {
+        for stranded in &shard.stranded {
+            tracing::warn!(index = %stranded, node = %shard.node,
+                "a reshard moved this index name's slot off its primary: the index still indexes \
+                 there but no command can reach it (not even FT.DROPINDEX) until the slot moves back");
+        }
+    }
+    let mut created = false;
+    for result in results {
+        created |= result?;
+    }
+    Ok(created)
+}
+
+/// A fan-out failure as a store error, naming the primary that failed.
+fn fanout_error(store: &Store, e: FanoutError) -> StoreError {
+    match e {
+        FanoutError::Redis(error) => store.error(error),
+        FanoutError::Shard { node, error, .. } => at_node(store.error(error), &node),
+        other @ (FanoutError::Unindexed { .. } | FanoutError::HashTag(_)) => StoreError::Setup {
+            url: store.url.clone(),
+            message: other.to_string(),
+        },
+    }
+}
+
+/// The error with the primary it came from beside the URL.
+fn at_node(e: StoreError, node: &str) -> StoreError {
+    match e {
+        StoreError::Redis { url, error } => StoreError::Redis {
+            url: format!("{url} (primary {node})"),
+            error,
+        },
+        StoreError::Setup { url, message } => StoreError::Setup {
+            url: format!("{url} (primary {node})"),
+            message,
+        },
+        other @ StoreError::TlsFile { .. } => other,
+    }
+}
+
+/// [`ensure`] for one index; FT.CREATE goes to `create_on` when given (a keyless route: the
+/// crate sends FT.CREATE to a random node).
+async fn ensure_one(
+    store: &Store,
+    conn: &mut Conn,
+    settings: &IndexSettings,
+    layout: &Layout<'_>,
+    parent: Option<&str>,
+    dim: usize,
+    create_on: Option<&str>,
+) -> Result<bool, StoreError> {
     let wanted = VectorSpec {
         dim,
         data_type: "FLOAT32".into(),
         metric: settings.distance_metric.to_uppercase(),
     };
-    match info(conn, layout.name).await.map_err(|e| store.error(e))? {
+    match info_of(conn, layout.name)
+        .await
+        .map_err(|e| store.error(e))?
+    {
         Some(existing) => {
             let wanted_type = match settings.storage {
                 Storage::Hash => "HASH",
@@ -292,10 +482,16 @@ pub async fn ensure(
             }
         }
         None => {
-            let result: Result<(), _> = ::redis::cmd("FT.CREATE")
-                .arg(create_args(settings, layout, parent, dim))
-                .query_async(conn)
-                .await;
+            let mut create = ::redis::cmd("FT.CREATE");
+            create.arg(create_args(settings, layout, parent, dim));
+            let result: Result<(), RedisError> = match create_on {
+                None => create.query_async(conn).await,
+                Some(node) => match conn.on_node(node, &create).await {
+                    Ok(Value::ServerError(e)) => Err(e.into()),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                },
+            };
             match result {
                 Ok(()) => Ok(true),
                 // Another worker created it between our FT.INFO and FT.CREATE.
@@ -334,18 +530,112 @@ pub async fn partial_indexed_docs(conn: &mut Conn) -> Option<bool> {
     }
 }
 
-/// Drops the index (documents stay unless `delete_docs`).
-pub async fn drop(
-    conn: &mut Conn,
-    name: &str,
-    delete_docs: bool,
-) -> Result<(), ::redis::RedisError> {
-    let mut cmd = ::redis::cmd("FT.DROPINDEX");
-    cmd.arg(name);
-    if delete_docs {
-        cmd.arg("DD");
+/// Drops the index (documents stay unless `delete_docs`). On a cluster without search
+/// coordinator, every primary's own index of the name (a stranded one cannot be reached, so it
+/// stays; `index info` names it).
+pub async fn drop(conn: &mut Conn, name: &str, delete_docs: bool) -> Result<(), RedisError> {
+    let dropindex = |index: &str| {
+        let mut cmd = ::redis::cmd("FT.DROPINDEX");
+        cmd.arg(index);
+        if delete_docs {
+            cmd.arg("DD");
+        }
+        cmd
+    };
+    if fanout::per_shard(conn).await {
+        let shards = fanout::shards(conn, name).await.map_err(into_redis)?;
+        let names: Vec<&String> = shards.iter().filter_map(|s| s.index.as_ref()).collect();
+        // None anywhere: the plain command below answers as on one server ("Unknown index name").
+        if !names.is_empty() {
+            let dropped = futures::future::join_all(names.into_iter().map(|index| {
+                let mut conn = conn.clone();
+                let cmd = dropindex(index);
+                async move { cmd.query_async::<()>(&mut conn).await }
+            }))
+            .await;
+            return dropped.into_iter().collect();
+        }
     }
-    cmd.query_async(conn).await
+    dropindex(name).query_async(conn).await
+}
+
+/// How far the module has indexed what was written: `stats` and the metrics report it, so that
+/// a document the worker wrote and acked is not taken for one a query finds already. On one
+/// server a write is indexed before it returns (the vector too: a tiered HNSW index searches the
+/// vectors its worker threads have not linked into the graph yet), except while the module
+/// scans documents that predate the index.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct IndexProgress {
+    /// Documents in the index (FT.INFO num_docs; a chunked document counts once per chunk),
+    /// summed over primaries: what a query can find now.
+    pub docs: u64,
+    /// The module is scanning keys that existed before the index (after FT.CREATE over existing
+    /// documents, or FT.ALTER): until it ends, written documents may be missing from results.
+    /// FT.INFO `indexing`; true if any primary is scanning.
+    pub indexing: bool,
+    /// That scan's progress, 0.0 to 1.0: FT.INFO `percent_indexed` (1.0 when no scan runs), the
+    /// least advanced primary's.
+    pub percent_indexed: f64,
+    /// Documents the module could not index (FT.INFO hash_indexing_failures, summed): written,
+    /// never searchable until rewritten.
+    pub failures: u64,
+    /// Jobs waiting for the module's worker threads (INFO search `search_workers_*_pending_jobs`,
+    /// Redis 8 with search-workers > 0; vector inserts into HNSW graphs and queries, of every
+    /// index), summed over primaries; None where the module reports none (RediSearch 2.10, which
+    /// indexes on the main thread). FT.INFO has no per-index backlog field.
+    pub pending_jobs: Option<u64>,
+    /// Primaries without the index (cluster without search coordinator): their documents
+    /// cannot be searched until `ensure` creates it. Empty otherwise.
+    pub unindexed: Vec<String>,
+}
+
+/// The index's [`IndexProgress`]; None when it does not exist (anywhere).
+pub async fn progress(conn: &mut Conn, name: &str) -> Result<Option<IndexProgress>, RedisError> {
+    let (info, unindexed) = if fanout::per_shard(conn).await {
+        let shards = shard_infos(conn, name).await.map_err(into_redis)?;
+        let unindexed = shards
+            .iter()
+            .filter(|s| s.index.is_none())
+            .map(|s| s.node.clone())
+            .collect();
+        (merge_infos(name, &shards), unindexed)
+    } else {
+        (info_of(conn, name).await?, Vec::new())
+    };
+    let Some(info) = info else {
+        return Ok(None);
+    };
+    let number = |key: &str| {
+        info.iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| text(v).parse::<f64>().ok())
+    };
+    // Best effort: an ACL user without INFO still gets the rest.
+    let queued = conn
+        .on_primaries(::redis::cmd("INFO").arg("search"))
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|r| r.reply.ok())
+        .filter_map(|v| pending_jobs(&text(&v)))
+        .reduce(|a, b| a + b);
+    Ok(Some(IndexProgress {
+        docs: number("num_docs").unwrap_or(0.0) as u64,
+        indexing: number("indexing") == Some(1.0),
+        percent_indexed: number("percent_indexed").unwrap_or(1.0),
+        failures: number("hash_indexing_failures").unwrap_or(0.0) as u64,
+        pending_jobs: queued,
+        unindexed,
+    }))
+}
+
+/// The sum of INFO search's `search_workers_<priority>_pending_jobs` fields; None without any.
+fn pending_jobs(info: &str) -> Option<u64> {
+    info.lines()
+        .filter_map(|l| l.trim().split_once(':'))
+        .filter(|(k, _)| k.starts_with("search_workers_") && k.ends_with("_pending_jobs"))
+        .filter_map(|(_, v)| v.trim().parse::<u64>().ok())
+        .reduce(|a, b| a + b)
 }
 
 #[cfg(test)]

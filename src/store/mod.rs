@@ -2,13 +2,15 @@
 //! Connections from the settings ([`connect`]), the stream and its group ([`stream`]), document
 //! writes and deletes on hashes or JSON ([`documents`]), the index's model record
 //! ([`generation`]), the dead-letter stream read back ([`dead_letters`]), the FT index schema
-//! ([`index`]), KNN queries ([`query`]) and the reindex's walks and vector writes ([`reindex`]).
+//! ([`index`]; one per primary on a cluster without search coordinator: [`fanout`]), KNN queries
+//! ([`query`]) and the reindex's walks and vector writes ([`reindex`]).
 //! (The external crate is spelled `::redis` inside this crate.)
 
 pub mod cluster;
 pub mod connect;
 pub mod dead_letters;
 pub mod documents;
+pub mod fanout;
 pub mod generation;
 pub mod index;
 pub mod query;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ::redis::{Cmd, FromRedisValue, RedisResult, ToRedisArgs, Value};
 
-use crate::common::{load_modules, redis_server_bin};
+use crate::common::{bin, load_modules, redis_server_bin, Names};
 
 /// Hash slots in a Redis Cluster.
 pub const SLOTS: u16 = 16384;
@@ -304,6 +304,18 @@ impl RedisCluster {
                 node.slots.iter().any(|r| r.contains(&slot))
             })
             .unwrap_or_else(|| panic!("no hash tag lands on {port}"))
+    }
+
+    /// The binary pointed at this cluster (a live primary's URL) and `names`, logging warnings.
+    pub fn worker_cmd(&self, names: &Names) -> Command {
+        let mut cmd = bin();
+        cmd.env("EMBED_WORKER__REDIS__URL", self.url())
+            .env("EMBED_WORKER__STREAM__NAME", &names.stream)
+            .env("EMBED_WORKER__STREAM__GROUP", &names.group)
+            .env("EMBED_WORKER__INDEX__NAME", &names.index)
+            .env("EMBED_WORKER__INDEX__PREFIX", &names.prefix)
+            .env("EMBED_WORKER__LOG__LEVEL", "warn");
+        cmd
     }
 
     /// A client for the node on `port` alone.
