@@ -66,6 +66,15 @@ pub struct IndexStats {
     pub num_docs: u64,
     pub hash_indexing_failures: u64,
     pub percent_indexed: f64,
+    /// The module is still scanning documents that predate the index (or an FT.ALTER): until
+    /// it ends, some written documents are missing from results.
+    pub indexing: bool,
+    /// Jobs queued for the module's worker threads (vector inserts, queries), summed over
+    /// primaries; `None` where the module does not report them (it indexes on its main thread).
+    pub pending_jobs: Option<u64>,
+    /// Primaries without their own index (a cluster without search coordinator): their
+    /// documents cannot be searched until a worker or `index create` makes it.
+    pub unindexed_primaries: Vec<String>,
     /// The index's model, from its record (`None`: no worker has recorded one yet).
     pub model: Option<ModelStats>,
 }
@@ -131,17 +140,18 @@ pub async fn collect(conn: &mut Conn, settings: &Settings) -> Result<Stats, Redi
             )
         }),
     });
-    let index = index::info(conn, &settings.index.name).await?.map(|info| {
-        let get = |k: &str| info.iter().find(|(key, _)| key == k).map(|(_, v)| v);
-        let num = |k: &str| get(k).map(reply::text).and_then(|t| t.parse::<f64>().ok());
-        IndexStats {
+    let index = index::progress(conn, &settings.index.name)
+        .await?
+        .map(|p| IndexStats {
             name: settings.index.name.clone(),
-            num_docs: num("num_docs").unwrap_or(0.0) as u64,
-            hash_indexing_failures: num("hash_indexing_failures").unwrap_or(0.0) as u64,
-            percent_indexed: num("percent_indexed").unwrap_or(0.0),
+            num_docs: p.docs,
+            hash_indexing_failures: p.failures,
+            percent_indexed: p.percent_indexed,
+            indexing: p.indexing,
+            pending_jobs: p.pending_jobs,
+            unindexed_primaries: p.unindexed,
             model,
-        }
-    });
+        });
     Ok(Stats {
         stream: StreamStats {
             name: settings.stream.name.clone(),
@@ -285,6 +295,18 @@ pub fn table(s: &Stats) -> String {
                 i.hash_indexing_failures,
                 i.percent_indexed * 100.0
             );
+            if let Some(jobs) = i.pending_jobs {
+                let _ = writeln!(
+                    out,
+                    "              {jobs} jobs queued for the search threads"
+                );
+            }
+            for node in &i.unindexed_primaries {
+                let _ = writeln!(
+                    out,
+                    "              primary {node} has no index: its documents cannot be searched"
+                );
+            }
             match &i.model {
                 Some(m) => {
                     let _ = writeln!(out, "model         {} [{}]", m.name, m.fingerprint);

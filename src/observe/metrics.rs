@@ -13,6 +13,9 @@ use prometheus_client::encoding::{prometheus_text, text as openmetrics, EncodeLa
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+
+use super::index_gauges::IndexGauges;
+use crate::store::index::IndexProgress;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -113,6 +116,7 @@ pub struct Metrics {
     /// The resident set size last reported, in bytes (see `resident_memory`).
     resident: Gauge,
     model: Family<ModelLabels, Gauge>,
+    index: IndexGauges,
     totals: Totals,
 }
 
@@ -248,6 +252,7 @@ impl Default for Metrics {
             "The model in use: name and embedding dimension as labels, value always 1",
             model.clone(),
         );
+        let index = IndexGauges::register(&mut registry);
         Self {
             registry,
             embedded,
@@ -272,6 +277,7 @@ impl Default for Metrics {
             oldest_pending_age,
             resident,
             model,
+            index,
             totals: Totals::default(),
         }
     }
@@ -366,6 +372,10 @@ impl Metrics {
         // From integer milliseconds, so the text is the short decimal ("1.761", not the
         // "1.7610000000000001" of Duration::as_secs_f64) that every parser reads alike.
         self.oldest_pending_age.set(age.as_millis() as f64 / 1e3);
+    }
+    /// The index's counts, as the probe last read them.
+    pub fn index_progress(&self, progress: &IndexProgress) {
+        self.index.set(progress);
     }
     pub fn group_state(&self, pending: u64, lag: u64) {
         self.group_pending.set(pending as i64);

@@ -1,10 +1,11 @@
 //! Observability: Prometheus metrics, health state (kept current by the Redis probe), the HTTP
-//! listener serving both, entry ages for the freshness metrics, and tracing set-up.
+//! listener serving both, the index's own counts ([`index_gauges`]), entry ages for the freshness metrics, and tracing set-up.
 
 pub mod exposition;
 pub mod freshness;
 pub mod health;
 pub mod http;
+pub mod index_gauges;
 pub mod logging;
 pub mod memory;
 pub mod metrics;

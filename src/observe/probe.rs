@@ -1,4 +1,5 @@
-//! The Redis probe: once a second, PING Redis and look up the group and the index, each round
+//! The Redis probe: once a second, PING Redis and look up the group and the index (its counts
+//! go to the metrics), each round
 //! under a short timeout. It keeps `/readyz` true to Redis while the worker is idle (no command
 //! in flight to notice an outage) and the lag/pending/oldest-pending-age gauges current while the
 //! reader is blocked behind a full pipeline, which is exactly when the backlog grows.
@@ -13,7 +14,8 @@ use tokio::task::JoinHandle;
 use super::{freshness, Health, Metrics};
 use crate::settings::Settings;
 use crate::store::connect::{Store, StoreError};
-use crate::store::{index, stream};
+use crate::store::index::{self, IndexProgress};
+use crate::store::stream;
 
 /// Time between rounds.
 pub const INTERVAL: Duration = Duration::from_secs(1);
@@ -40,11 +42,12 @@ impl Target {
 }
 
 /// What one round found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Round {
     /// Present when the group exists.
     group: Option<GroupRound>,
-    index: bool,
+    /// None when the index does not exist.
+    index: Option<IndexProgress>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,12 +100,18 @@ pub fn spawn(
                 Ok(round) => {
                     // The facts first, reachability last: no moment of "ready" on stale facts.
                     health.set_group_present(round.group.is_some());
-                    health.set_index_present(round.index);
+                    // On a cluster, present only when every primary has its own.
+                    health.set_index_present(
+                        round.index.as_ref().is_some_and(|p| p.unindexed.is_empty()),
+                    );
                     health.set_redis_reachable(true);
                     if let Some(g) = round.group {
                         // The age before the count: a scrape that sees pending at 0 sees age 0.
                         metrics.oldest_pending_age(g.oldest_pending_age);
                         metrics.group_state(g.pending, g.lag);
+                    }
+                    if let Some(p) = &round.index {
+                        metrics.index_progress(p);
                     }
                     if last_error.take().is_some() {
                         tracing::info!(url = %store.url, "redis reachable again");
@@ -152,7 +161,7 @@ async fn check(
         sum.lag += shard.lag;
         sum.oldest_pending_age = sum.oldest_pending_age.max(shard.oldest_pending_age);
     }
-    let index = index::info(c, &target.index).await?.is_some();
+    let index = index::progress(c, &target.index).await?;
     Ok(Round { group, index })
 }
 

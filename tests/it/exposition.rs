@@ -72,10 +72,11 @@ fn text_and_openmetrics_expositions_agree_series_for_series() {
         let s = scrape()?;
         let acked = s["text"]["embed_worker_documents_acked_total"].as_f64()?;
         // The probe's gauges refreshed since the acks too (a round from before the reads shows
-        // the three entries as lag).
+        // the three entries as lag, and the index without them).
         let gauges = ["embed_worker_group_pending", "embed_worker_stream_lag"]
             .iter()
-            .all(|g| s["text"][*g].as_f64() == Some(0.0));
+            .all(|g| s["text"][*g].as_f64() == Some(0.0))
+            && s["text"]["embed_worker_index_documents"].as_f64() == Some(3.0);
         (acked == 3.0 && gauges && pending(&mut conn, &names) == 0).then_some(s)
     })
     .expect("the worker never acked the docs' three documents");
@@ -122,6 +123,8 @@ fn text_and_openmetrics_expositions_agree_series_for_series() {
         "embed_worker_ready",
         "embed_worker_stream_lag",
         "embed_worker_oldest_pending_age_seconds",
+        "embed_worker_index_documents",
+        "embed_worker_index_unindexed_primaries",
     ] {
         assert!(
             s["om"].get(series).is_some(),
