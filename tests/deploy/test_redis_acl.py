@@ -14,7 +14,7 @@ import pytest
 import redis
 from redis.exceptions import NoPermissionError, ResponseError
 
-from deploy_support import ACL_FILE, ROOT, commands_of, parse_acl, patterns_of
+from deploy_support import ACL_FILE, ROOT, commands_of, even_slot_ranges, key_slot, parse_acl, patterns_of
 
 LIBRARY = (ROOT / "src" / "store" / "documents.lua").read_text()
 
@@ -30,6 +30,14 @@ WORKER_COMMANDS = {
     # with CLUSTER SLOTS and sends ASKING before a command redirected by ASK (a slot being moved);
     # `redis.wait_replicas` sends WAIT before acking
     "info|cluster", "cluster|slots", "asking", "wait",
+    # WAIT asks each primary for no more replicas than it has: INFO replication on every primary,
+    # re-read every few seconds (src/store/replicas.rs)
+    "info|replication",
+    # a cluster whose search module has no coordinator (src/store/fanout.rs): COMMAND INFO tells
+    # one (_FT.SEARCH registered or not); then one index per primary, found with FT._LIST and the
+    # primary's own CLUSTER NODES line (its slots), and INFO search for the module's queue (best
+    # effort: the metrics leave it out when refused)
+    "command|info", "ft._list", "cluster|nodes", "info|search",
     # consume, ack, reclaim, renew the leases on entries in hand (XCLAIM ... JUSTID), dead-letter,
     # housekeeping
     "xreadgroup", "xack", "xadd", "xautoclaim", "xclaim", "xpending",
@@ -43,8 +51,9 @@ WORKER_COMMANDS = {
     "ft.create", "ft.alter", "ft.info", "ft.search",
 }
 # The worker's keys: streams, tombstones and the model record (embed:*), documents, and the
-# index: `vector_idx` itself, or after a reindex `vector_idx@<fingerprint>` (and the alias).
-WORKER_PATTERNS = ["embed:*", "doc:*", "vector_idx", "vector_idx@*"]
+# index: `vector_idx` itself, or after a reindex `vector_idx@<fingerprint>` (and the alias), and
+# on a cluster without search coordinator each other primary's own `vector_idx{<n>}`.
+WORKER_PATTERNS = ["embed:*", "doc:*", "vector_idx", "vector_idx@*", "vector_idx{*}"]
 # What the functions run inside FCALL (ew_upsert, ew_touch, ew_delete, ew_adopt), each only on its
 # own keys: documents, tombstones, and the model record. The worker also reads the record with a
 # plain HGETALL at start-up. With index.storage = "json" (ew_json_upsert, ew_json_touch,
@@ -95,6 +104,20 @@ RECORD = f"embed:index:{{{INDEX}}}"
 DIM = 4
 # Two model fingerprints (16 hex digits, as src/model names them).
 FP1, FP2 = "0123456789abcdef", "fedcba9876543210"
+
+
+def primary_index_names(base: str, primaries: int) -> list[str]:
+    """The index name of each primary of an even slot layout on a cluster without search
+    coordinator, as src/store/fanout.rs `shard_index_name` picks it: `base` on the primary serving
+    its slot, elsewhere the smallest `base{<n>}` that hashes to one of the primary's slots."""
+    names = []
+    for slots in even_slot_ranges(primaries):
+        n = 0
+        name = base
+        while key_slot(name) not in slots:
+            name, n = f"{base}{{{n}}}", n + 1
+        names.append(name)
+    return names
 
 
 def vec(*xs: float) -> bytes:
@@ -194,6 +217,21 @@ def test_index_patterns_cover_the_index_and_its_reindexed_successors_only(user):
     covered = lambda key: any(fnmatch.fnmatchcase(key, p) for p in patterns)
     assert covered(INDEX) and covered(f"{INDEX}@{FP2}")
     assert not covered("vector_idx_other") and not covered("other_idx")
+    assert not covered("vector_idxx{7}") and not covered("{vector_idx}")
+
+
+@pytest.mark.parametrize("primaries", [2, 3, 6])
+def test_worker_patterns_cover_every_primarys_own_index(primaries):
+    # On a cluster without search coordinator the worker keeps one index per primary; only it
+    # does (reindex refuses to run on a cluster), so only its patterns take `vector_idx{<n>}`.
+    covered = lambda user, key: any(fnmatch.fnmatchcase(key, p) for p in ACL[user].key_patterns)
+    for base in (INDEX, f"{INDEX}@{FP2}"):
+        names = primary_index_names(base, primaries)
+        assert len(set(names)) == primaries and any(n != base for n in names), names
+        for name in names:
+            assert covered("embed-worker", name), name
+            assert not covered("producer", name) and not covered("keda", name), name
+    assert [covered("embed-reindex", n) for n in primary_index_names(INDEX, primaries)].count(True) == 1
 
 
 def test_keda_user_is_read_only():
@@ -426,14 +464,15 @@ def test_worker_functions_run_only_the_json_commands_granted(redis_server):
     assert admin.execute_command("JSON.GET", f"{PREFIX}1", "$") == before
 
 
-# What a cluster client never needs: the rest of INFO, other CLUSTER subcommands (topology
-# comes from CLUSTER SLOTS only), replica reads (READONLY: the worker reads primaries only).
+# What a cluster client never needs: the rest of INFO, other CLUSTER subcommands (the slot map
+# comes from CLUSTER SLOTS; CLUSTER NODES is the worker's alone, below), replica reads
+# (READONLY: nothing reads from replicas).
 FORBIDDEN_CLUSTER_COMMANDS = [
     ("INFO", "server"),
     ("INFO", "keyspace"),
     ("INFO", "everything"),
+    ("INFO", "commandstats"),
     ("CLUSTER", "SHARDS"),
-    ("CLUSTER", "NODES"),
     ("CLUSTER", "INFO"),
     ("CLUSTER", "MYID"),
     ("CLUSTER", "RESET"),
@@ -445,6 +484,20 @@ FORBIDDEN_CLUSTER_COMMANDS = [
     ("READONLY",),
     ("READWRITE",),
 ]
+# What only the worker sends: its per-primary indexes on a cluster without search coordinator
+# (COMMAND INFO, FT._LIST, CLUSTER NODES, INFO search) and the replica counts behind WAIT (INFO
+# replication). The other users are refused each of them that their own grants do not cover
+# (the producer and keda have the whole COMMAND, keda the whole INFO).
+WORKER_ONLY_COMMANDS = [
+    ("CLUSTER", "NODES"),
+    ("FT._LIST",),
+    ("COMMAND", "INFO", "_FT.SEARCH"),
+    ("INFO", "search"),
+    ("INFO", "replication"),
+]
+FORBIDDEN_FOR_PRODUCER = FORBIDDEN_CLUSTER_COMMANDS + [c for c in WORKER_ONLY_COMMANDS if c[0] != "COMMAND"]
+FORBIDDEN_FOR_KEDA = [c for c in FORBIDDEN_CLUSTER_COMMANDS if c[0] != "INFO"] + [
+    c for c in WORKER_ONLY_COMMANDS if c[0] not in ("COMMAND", "INFO")]
 
 FORBIDDEN_FOR_WORKER = FORBIDDEN_CLUSTER_COMMANDS + [
     ("FLUSHALL",),
@@ -486,9 +539,18 @@ FORBIDDEN_FOR_WORKER = FORBIDDEN_CLUSTER_COMMANDS + [
     ("FT.ALIASDEL", "vector_idx"),
     ("FT.CONFIG", "GET", "PARTIAL_INDEXED_DOCS"),
     ("FT.CONFIG", "SET", "PARTIAL_INDEXED_DOCS", "1"),
-    ("FT._LIST",),
+    ("COMMAND",),
+    ("COMMAND", "DOCS", "GET"),
+    ("COMMAND", "LIST"),
+    ("COMMAND", "GETKEYS", "GET", "doc:1"),
+    ("INFO", "clients"),
     ("FT.CREATE", "other_idx", "ON", "HASH", "PREFIX", "1", "doc:", "SCHEMA", "content", "TEXT"),
     ("FT.CREATE", "vector_idx_other", "ON", "HASH", "PREFIX", "1", "doc:", "SCHEMA", "content", "TEXT"),
+    # A primary's own index name is `vector_idx{<n>}` and nothing else like it.
+    ("FT.CREATE", "vector_idxx{7}", "ON", "HASH", "PREFIX", "1", "doc:", "SCHEMA", "content", "TEXT"),
+    ("FT.CREATE", "other_idx{7}", "ON", "HASH", "PREFIX", "1", "doc:", "SCHEMA", "content", "TEXT"),
+    ("FT.CREATE", "{vector_idx}", "ON", "HASH", "PREFIX", "1", "doc:", "SCHEMA", "content", "TEXT"),
+    ("FT.DROPINDEX", "vector_idx{7}"),
     ("FT.SEARCH", "other_idx", "*"),
     ("EVAL", "return 1", "0"),
     # JSON: only JSON.GET and JSON.SET, only on documents.
@@ -684,7 +746,7 @@ def test_reindex_user_can_run_a_whole_json_reindex(redis_server):
         "$.embedding": [], "$.__ew_model": [FP2]}
 
 
-FORBIDDEN_FOR_REINDEX = FORBIDDEN_CLUSTER_COMMANDS + [
+FORBIDDEN_FOR_REINDEX = FORBIDDEN_CLUSTER_COMMANDS + WORKER_ONLY_COMMANDS + [
     ("WAIT", "0", "0"),
     ("FLUSHALL",),
     ("FLUSHDB",),
@@ -716,7 +778,6 @@ FORBIDDEN_FOR_REINDEX = FORBIDDEN_CLUSTER_COMMANDS + [
     ("DISCARD",),
     ("FT.ALTER", INDEX, "SCHEMA", "ADD", "x", "TAG"),
     ("FT.CONFIG", "GET", "PARTIAL_INDEXED_DOCS"),
-    ("FT._LIST",),
     ("FT.ALIASADD", "other_alias", INDEX),
     ("FT.ALIASDEL", INDEX),
     ("FT.DROPINDEX", "other_idx"),
@@ -757,7 +818,7 @@ def test_producer_can_only_add_documents(redis_server):
     for command in [("XADD", DEAD, "*", "f", "v"), ("XREADGROUP", "GROUP", GROUP, "c", "STREAMS", STREAM, ">"),
                     ("XLEN", STREAM), ("HSET", "doc:p1", "f", "v"), ("FT.SEARCH", INDEX, "*"),
                     ("XTRIM", STREAM, "MAXLEN", "0"), ("INFO",), ("WAIT", "0", "0"),
-                    *FORBIDDEN_CLUSTER_COMMANDS]:
+                    *FORBIDDEN_FOR_PRODUCER]:
         with pytest.raises(NoPermissionError):
             producer.execute_command(*command)
 
@@ -777,6 +838,58 @@ def test_keda_user_reads_stream_metrics_only(redis_server):
                     ("XREADGROUP", "GROUP", GROUP, "c", "STREAMS", STREAM, ">"),
                     ("HGETALL", "doc:1"), ("XINFO", "GROUPS", "other:stream"), ("FLUSHALL",),
                     ("WAIT", "0", "0"), ("CONFIG", "GET", "*"), ("CLIENT", "LIST"),
-                    *[c for c in FORBIDDEN_CLUSTER_COMMANDS if c[0] != "INFO"]]:
+                    *FORBIDDEN_FOR_KEDA]:
         with pytest.raises(NoPermissionError):
             keda.execute_command(*command)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a Redis Cluster node
+
+
+def test_worker_keeps_one_index_per_primary_on_a_cluster_node(redis_cluster_node):
+    # What the worker sends on a cluster whose search module has no coordinator (ours), node by
+    # node (src/store/fanout.rs, src/store/index.rs): COMMAND INFO to tell a coordinator, FT._LIST
+    # and CLUSTER NODES for each primary's own index, FT.CREATE, FT.INFO, FT.ALTER and FT.SEARCH on
+    # it, INFO search for the metrics, and INFO replication before WAIT. The node owns every slot,
+    # so the names three primaries would get all land on it.
+    admin = redis_cluster_node.client()
+    admin.flushall()
+    worker = login(redis_cluster_node, "embed-worker")
+    worker.set_response_callback("COMMAND", lambda reply, **_: reply)  # the raw reply, as the worker reads it
+    coordinator = worker.execute_command("COMMAND", "INFO", "_FT.SEARCH", "SEARCH.CLUSTERINFO", "FT.CLUSTERINFO")
+    assert coordinator == [None, None, None], "a search module with a coordinator: no per-primary indexes"
+    (myself,) = [line for line in worker.execute_command("CLUSTER", "NODES").splitlines() if "myself" in line]
+    assert "master" in myself.split()[2] and myself.split()[8:] == ["0-16383"], myself
+    assert worker.info("replication")["connected_slaves"] == 0
+    search = worker.info("search")
+    assert search and all(k.startswith("search_") for k in search), search
+
+    names = primary_index_names(INDEX, 3)
+    assert INDEX in names and all(n == INDEX or n.startswith(f"{INDEX}{{") for n in names), names
+    for name in names:
+        assert create_index(worker, name)
+        assert worker.execute_command("FT.INFO", name)
+        assert worker.execute_command("FT.ALTER", name, "SCHEMA", "ADD", "extra", "TAG")
+    assert set(names) <= set(worker.execute_command("FT._LIST"))
+    admin.hset(f"{PREFIX}1", mapping={"content": "one", "embedding": vec(1, 0, 0, 0)})
+    for name in names:
+        res = worker.execute_command("FT.SEARCH", name, "*=>[KNN 1 @embedding $q AS score]", "PARAMS", "2",
+                                     "q", vec(1, 0, 0, 0), "RETURN", "1", "score", "DIALECT", "2")
+        assert [r["id"] for r in res["results"]] == [f"{PREFIX}1"], name
+
+    # Outside `vector_idx{*}`, and never a drop: an index a person removes is theirs to remove.
+    for command in [
+        ("FT.CREATE", "vector_idxx{7}", "ON", "HASH", "PREFIX", "1", PREFIX, "SCHEMA", "content", "TEXT"),
+        ("FT.CREATE", "other_idx{7}", "ON", "HASH", "PREFIX", "1", PREFIX, "SCHEMA", "content", "TEXT"),
+        ("FT.SEARCH", "other_idx{7}", "*"),
+        ("FT.DROPINDEX", names[1]),
+        ("COMMAND", "DOCS", "FT.SEARCH"),
+        ("CLUSTER", "SHARDS"),
+        ("INFO", "keyspace"),
+    ]:
+        with pytest.raises(NoPermissionError):
+            worker.execute_command(*command)
+    for name in names:
+        assert admin.execute_command("FT.DROPINDEX", name)
+
