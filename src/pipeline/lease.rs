@@ -102,6 +102,11 @@ impl Leases {
         *self.stopped.borrow()
     }
 
+    /// Fires once the writer is done (the worker is stopping): the end of every side task.
+    pub fn stopped(&self) -> watch::Receiver<bool> {
+        self.stopped.subscribe()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held
             .lock()
@@ -114,7 +119,7 @@ impl Leases {
 /// renewal meanwhile, so a worker cut off from Redis lets its entries go); a refusal that will
 /// not fix itself (the ACL lacks XCLAIM) stops the worker.
 pub async fn renewer(ctx: Arc<Ctx>) -> Result<(), WorkerError> {
-    let stop = ctx.leases.stopped.subscribe();
+    let stop = ctx.leases.stopped();
     let interval = ctx.settings.lease_renew_interval();
     let mut conn: Option<Conn> = None;
     let mut backoff = ctx.backoff();

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 
 use super::consume::reader;
 use super::embed::embedder;
+use super::index_keeper;
 use super::lease::renewer;
 use super::op::Doc;
 use super::op::Write;
@@ -128,9 +129,10 @@ pub async fn run(
         model.fingerprint.clone(),
     )?);
 
-    let Some(conn) = start_up(&ctx, &stop_rx, model.handle.dimension()).await? else {
+    let Some((conn, generation)) = start_up(&ctx, &stop_rx, model.handle.dimension()).await? else {
         return Ok(RunSummary::default());
     };
+    let cluster = conn.is_cluster();
     let g = ctx.group(0);
     tracing::info!(
         stream = %g.stream, shards = ctx.groups.len(), group = %g.group, consumer = %g.consumer,
@@ -186,6 +188,13 @@ pub async fn run(
         done
     });
     tasks.spawn(renewer(ctx.clone()));
+    if cluster {
+        tasks.spawn(index_keeper::keep(
+            ctx.clone(),
+            generation,
+            model.handle.dimension(),
+        ));
+    }
 
     let started = Instant::now();
     let mut stop = stop_rx.clone();
@@ -247,7 +256,7 @@ async fn start_up(
     ctx: &Ctx,
     stop: &watch::Receiver<bool>,
     dimension: usize,
-) -> Result<Option<Conn>, WorkerError> {
+) -> Result<Option<(Conn, Generation)>, WorkerError> {
     let mut backoff = ctx.backoff();
     let mut said_waiting = false;
     loop {
@@ -256,8 +265,8 @@ async fn start_up(
         };
         loop {
             match prepare_redis(ctx, &mut conn, dimension).await {
-                Ok(true) => return Ok(Some(conn)),
-                Ok(false) => {
+                Ok(Some(generation)) => return Ok(Some((conn, generation))),
+                Ok(None) => {
                     if !said_waiting {
                         said_waiting = true;
                         tracing::info!(index = %ctx.settings.index.name, model = %ctx.model,
@@ -280,12 +289,16 @@ async fn start_up(
     }
 }
 
-/// True when ready to run; false while a reindex to this worker's model has not switched yet.
-/// The model is checked before anything is written (the group, the index).
-async fn prepare_redis(ctx: &Ctx, conn: &mut Conn, dimension: usize) -> Result<bool, WorkerError> {
+/// The generation to write when ready to run; None while a reindex to this worker's model has
+/// not switched yet. The model is checked before anything is written (the group, the index).
+async fn prepare_redis(
+    ctx: &Ctx,
+    conn: &mut Conn,
+    dimension: usize,
+) -> Result<Option<Generation>, WorkerError> {
     ctx.docs.set_cluster(conn.is_cluster());
     let Some(generation) = check_model(ctx, conn).await? else {
-        return Ok(false);
+        return Ok(None);
     };
     for g in &ctx.groups {
         let created = stream::ensure_group(conn, g)
@@ -296,21 +309,7 @@ async fn prepare_redis(ctx: &Ctx, conn: &mut Conn, dimension: usize) -> Result<b
         }
     }
     ctx.health.set_group_present(true);
-    let layout = index::Layout {
-        name: &generation.index,
-        vector_field: &generation.vector_field,
-        model_tag: false,
-    };
-    if index::ensure(
-        &ctx.store,
-        conn,
-        &ctx.settings.index,
-        &layout,
-        ctx.settings.parent_field(),
-        dimension,
-    )
-    .await?
-    {
+    if index_keeper::ensure(ctx, conn, &generation, dimension).await? {
         tracing::info!(index = %generation.index, dimension, "created index");
     }
     ctx.health.set_index_present(true);
@@ -327,7 +326,7 @@ async fn prepare_redis(ctx: &Ctx, conn: &mut Conn, dimension: usize) -> Result<b
         fingerprint: ctx.model.id.clone(),
         vector_field: generation.vector_field.clone(),
     });
-    Ok(true)
+    Ok(Some(generation))
 }
 
 /// The index's model against this worker's: the generation to write (its index and field),

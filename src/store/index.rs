@@ -362,8 +362,16 @@ pub async fn ensure(
         }
     }))
     .await;
+    // Once per index and primary: the workers' check finds it again every few seconds.
+    static WARNED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
     for shard in &shards {
         for stranded in &shard.stranded {
+            let seen = (shard.node.clone(), stranded.clone());
+            let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+            if warned.contains(&seen) {
+                continue;
+            }
+            warned.push(seen);
             tracing::warn!(index = %stranded, node = %shard.node,
                 "a reshard moved this index name's slot off its primary: the index still indexes \
                  there but no command can reach it (not even FT.DROPINDEX) until the slot moves back");

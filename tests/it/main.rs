@@ -2,6 +2,7 @@
 //! processes with the Query Engine and the real ONNX model.
 
 mod chunks;
+mod cluster_e2e;
 mod cluster_index;
 mod cluster_smoke;
 mod cluster_support;
