@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::store::cluster::Conn;
+use crate::store::replicas::Replicas;
 use tokio::sync::{watch, Notify};
 
 use super::entry::EntryRules;
@@ -44,6 +45,8 @@ pub struct Ctx {
     pub fault_pause_before_write: Option<Duration>,
     /// This worker's model.
     pub model: Fingerprint,
+    /// Each primary's replica count, for `redis.wait_replicas`.
+    pub replicas: Replicas,
 }
 
 impl Ctx {
@@ -56,6 +59,7 @@ impl Ctx {
     ) -> Result<Self, StoreError> {
         Ok(Self {
             model,
+            replicas: Replicas::default(),
             store: Store::new(&settings.redis)?,
             docs: DocStore::from_settings(&settings),
             groups: shards::keys(&settings.stream)

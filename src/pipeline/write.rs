@@ -16,7 +16,6 @@ use super::shared::Ctx;
 use super::WorkerError;
 use crate::observe::metrics::Stage;
 use crate::store::documents::{self, Applied, Body, Change, ChunkBody};
-use crate::store::replicas;
 use crate::store::stream::{self, DeadLetterRecord};
 
 pub async fn writer(
@@ -213,7 +212,10 @@ async fn replicated(ctx: &Ctx, conn: &mut Conn) -> Result<(), ::redis::RedisErro
     if want == 0 {
         return Ok(());
     }
-    let short = replicas::wait(conn, want, ctx.settings.redis.wait_timeout).await?;
+    let short = ctx
+        .replicas
+        .wait(conn, want, ctx.settings.redis.wait_timeout)
+        .await?;
     if let Some(first) = short.first() {
         ctx.metrics.under_replicated();
         // Once a minute at most: after a failover every batch is short until a replica returns.

@@ -4,6 +4,8 @@
 //! the crate only pipelines within one slot. Keyless commands that must reach every primary (the
 //! index without a coordinator) use [`Conn::on_primaries`].
 
+use std::time::Duration;
+
 use ::redis::aio::{ConnectionLike, MultiplexedConnection};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
@@ -14,7 +16,10 @@ use futures::FutureExt;
 #[derive(Clone)]
 pub enum Conn {
     Single(MultiplexedConnection),
-    Cluster(ClusterConnection),
+    /// With the longest any one call may take, retries inside the crate included: its own
+    /// response timeout does not bound a request queued behind a node it is reconnecting to (a
+    /// primary SIGKILLed), which then waits for as long as that node stays dead.
+    Cluster(ClusterConnection, Duration),
 }
 
 /// One primary's reply to a command sent to every primary.
@@ -27,7 +32,7 @@ pub struct NodeReply {
 
 impl Conn {
     pub fn is_cluster(&self) -> bool {
-        matches!(self, Conn::Cluster(_))
+        matches!(self, Conn::Cluster(..))
     }
 
     /// `cmd` on every primary (the one server when not a cluster), each reply by itself.
@@ -37,9 +42,11 @@ impl Conn {
                 node: String::new(),
                 reply: cmd.query_async(c).await,
             }]),
-            Conn::Cluster(c) => {
+            Conn::Cluster(c, limit) => {
                 let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-                let Value::Map(replies) = c.route_command(cmd.clone(), routing).await? else {
+                let Value::Map(replies) =
+                    bounded(*limit, c.route_command(cmd.clone(), routing)).await?
+                else {
                     return Err(RedisError::from((
                         ::redis::ErrorKind::UnexpectedReturnType,
                         "a command to every primary did not answer per node",
@@ -63,13 +70,13 @@ impl Conn {
     pub async fn on_node(&mut self, node: &str, cmd: &Cmd) -> RedisResult<Value> {
         match self {
             Conn::Single(c) => cmd.query_async(c).await,
-            Conn::Cluster(c) => {
+            Conn::Cluster(c, limit) => {
                 let (host, port) = node.rsplit_once(':').unwrap_or((node, "6379"));
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: host.to_string(),
                     port: port.parse().unwrap_or(6379),
                 });
-                c.route_command(cmd.clone(), routing).await
+                bounded(*limit, c.route_command(cmd.clone(), routing)).await
             }
         }
     }
@@ -79,7 +86,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c, limit) => bounded(*limit, c.req_packed_command(cmd)).boxed(),
         }
     }
 
@@ -91,12 +98,12 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => {
+            Conn::Cluster(c, limit) => {
                 if pipeline.is_transaction() {
                     // A transaction must be on one slot; the server refuses it otherwise.
-                    c.req_packed_commands(pipeline, offset, count)
+                    bounded(*limit, c.req_packed_commands(pipeline, offset, count)).boxed()
                 } else {
-                    spread(c.clone(), pipeline).boxed()
+                    bounded(*limit, spread(c.clone(), pipeline)).boxed()
                 }
             }
         }
@@ -105,7 +112,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c, _) => c.get_db(),
         }
     }
 }
@@ -113,6 +120,24 @@ impl ConnectionLike for Conn {
 /// A plain pipeline on a cluster: each command by itself, all at once, replies in order. A
 /// command's server error becomes its reply (as in a pipeline on one server); a connection
 /// error fails the whole pipeline.
+/// `call`, or a transient I/O error once `limit` has passed.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = RedisResult<T>>,
+) -> RedisResult<T> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(done) => done,
+        Err(_) => Err(RedisError::from((
+            ::redis::ErrorKind::Io,
+            "no reply from the cluster in time",
+            format!(
+                "nothing within {} (redis.command_timeout): a node failing over or down",
+                humantime::format_duration(limit)
+            ),
+        ))),
+    }
+}
+
 async fn spread(conn: ClusterConnection, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
     let replies = futures::future::join_all(pipeline.cmd_iter().map(|cmd| {
         let mut c = conn.clone();

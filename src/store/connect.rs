@@ -223,11 +223,24 @@ impl Store {
                 let config = ClusterConfig::new()
                     .set_connection_timeout(self.connect_timeout)
                     .set_response_timeout(self.command_timeout + extra);
-                cluster
-                    .get_async_connection_with_config(config)
+                // Bounded here: the crate's own connect can wait forever for a node that a
+                // failover left in its slot map (it retries the dead node without a deadline).
+                let limit = self.connect_timeout * 2;
+                match tokio::time::timeout(limit, cluster.get_async_connection_with_config(config))
                     .await
-                    .map(Conn::Cluster)
-                    .map_err(|source| self.error(source))
+                {
+                    Ok(connected) => connected
+                        .map(|c| Conn::Cluster(c, self.command_timeout + extra))
+                        .map_err(|source| self.error(source)),
+                    Err(_) => Err(self.error(RedisError::from((
+                        ::redis::ErrorKind::Io,
+                        "no cluster connection in time",
+                        format!(
+                            "the nodes' connections and slot map took longer than {} (twice redis.connect_timeout)",
+                            humantime::format_duration(limit)
+                        ),
+                    )))),
+                }
             }
             _ => self.connect_single(extra).await.map(Conn::Single),
         }
