@@ -190,14 +190,7 @@ fn a_fleet_loses_nothing_through_a_killed_primary_a_manual_failover_and_a_reshar
     // 1. A backlog, replicated, then the primary holding the most shard streams is SIGKILLed
     //    mid-way through it, and never restarted.
     produce_range(&cluster, &names, 0..1000, Duration::ZERO);
-    for port in cluster.primaries() {
-        let acked: i64 = ::redis::cmd("WAIT")
-            .arg(1)
-            .arg(10_000)
-            .query(&mut cluster.conn(port))
-            .unwrap();
-        assert_eq!(acked, 1, "{port}'s replica has not got the backlog");
-    }
+    cluster.wait_replicated();
     let done = wait_for(Duration::from_secs(120), || {
         let s = stats(&mut sharded(&cluster, &names));
         (outstanding(&s) <= 800).then_some(())

@@ -313,14 +313,7 @@ fn a_search_during_a_failover_is_exact_or_refused_then_exact() {
     run_ok(flat(&cluster, &names).args(["index", "create"]));
     let docs = write_documents(&cluster, &names);
     wait_indexed(|| flat(&cluster, &names), DOCUMENTS);
-    for port in cluster.primaries() {
-        let acked: i64 = ::redis::cmd("WAIT")
-            .arg(1)
-            .arg(10_000)
-            .query(&mut cluster.conn(port))
-            .unwrap();
-        assert!(acked >= 1, "no replica of {port} has every document");
-    }
+    cluster.wait_replicated();
     let query_text = "what a failover leaves behind";
     let query = embed(&[query_text]).pop().unwrap();
     let want = brute_force(&docs, &query, 10);

@@ -61,18 +61,6 @@ fn assert_all_read_back(cluster: &RedisCluster, keys: &HashMap<String, String>) 
     assert!(lost.is_empty(), "{} of {KEYS} keys lost", lost.len());
 }
 
-/// WAIT 1 on every primary: each write so far is on a replica too.
-fn wait_for_replicas(cluster: &RedisCluster) {
-    for p in cluster.primaries() {
-        let acked: i64 = ::redis::cmd("WAIT")
-            .arg(1)
-            .arg(10_000)
-            .query(&mut cluster.conn(p))
-            .unwrap();
-        assert!(acked >= 1, "no replica of {p} acknowledged");
-    }
-}
-
 fn ft_create(
     conn: &mut impl ConnectionLike,
     index: &str,
@@ -171,7 +159,7 @@ fn a_killed_primary_fails_over_with_every_key_its_index_and_its_functions() {
         ))
         .exec(&mut cluster.conn(victim))
         .unwrap();
-    wait_for_replicas(&cluster);
+    cluster.wait_replicated();
 
     let t = Instant::now();
     cluster.kill(victim);
@@ -205,7 +193,7 @@ fn a_killed_primary_fails_over_with_every_key_its_index_and_its_functions() {
 fn a_manual_failover_and_slot_migrations_keep_every_key() {
     let cluster = started(3, 1);
     let keys = write_keys(&cluster, "reshard");
-    wait_for_replicas(&cluster);
+    cluster.wait_replicated();
 
     let old_primary = cluster.primaries()[0];
     let replica = cluster.replicas_of(old_primary)[0];

@@ -318,6 +318,18 @@ impl RedisCluster {
         cmd
     }
 
+    /// WAIT 1 on every primary: each write so far is on a replica too.
+    pub fn wait_replicated(&self) {
+        for p in self.primaries() {
+            let acked: i64 = ::redis::cmd("WAIT")
+                .arg(1)
+                .arg(10_000)
+                .query(&mut self.conn(p))
+                .unwrap();
+            assert!(acked >= 1, "no replica of {p} acknowledged");
+        }
+    }
+
     /// A client for the node on `port` alone.
     pub fn client(&self, port: u16) -> ::redis::Client {
         ::redis::Client::open(node_url(port)).expect("a node URL")
