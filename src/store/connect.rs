@@ -4,10 +4,11 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use ::redis::cluster::{ClusterClient, ClusterConfig};
+use ::redis::cluster::ClusterConfig;
 use ::redis::{AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError};
 
 use super::cluster::Conn;
+use super::seeds::Seeds;
 use crate::settings::{redact_url, ClusterMode, RedisSettings};
 
 /// What a caller does about a Redis error.
@@ -88,8 +89,8 @@ pub fn classify(err: &RedisError) -> Disposition {
 #[derive(Clone)]
 pub struct Store {
     client: Client,
-    /// The same server as the seed of a cluster client; None when `redis.cluster = false`.
-    cluster: Option<ClusterClient>,
+    /// Where a cluster client starts (the same server first); None when `redis.cluster = false`.
+    cluster: Option<Seeds>,
     /// Whether the server is a cluster: forced by the settings, or found on the first connect.
     is_cluster: Arc<OnceLock<bool>>,
     /// The URL with any password masked, for messages.
@@ -167,19 +168,8 @@ impl Store {
             }
             Client::open(info).map_err(|e| setup(e.to_string()))?
         };
-        let cluster = if settings.cluster == ClusterMode::Single {
-            None
-        } else {
-            let mut builder = ::redis::cluster::ClusterClientBuilder::new(vec![seed]);
-            if let Some(certs) = certificates {
-                builder = builder.certs(certs);
-            }
-            Some(
-                builder
-                    .build()
-                    .map_err(|e| setup(format!("cluster client: {e}")))?,
-            )
-        };
+        let cluster =
+            (settings.cluster != ClusterMode::Single).then(|| Seeds::new(seed, certificates));
         let is_cluster = Arc::new(OnceLock::new());
         match settings.cluster {
             ClusterMode::Auto => {}
@@ -219,7 +209,8 @@ impl Store {
     /// blocking reads): multiplexed to the one server, or to every node of a cluster.
     pub async fn connect_with(&self, extra: Duration) -> Result<Conn, StoreError> {
         match (&self.cluster, self.is_cluster().await?) {
-            (Some(cluster), true) => {
+            (Some(seeds), true) => {
+                let cluster = seeds.client().map_err(|e| self.error(e))?;
                 let config = ClusterConfig::new()
                     .set_connection_timeout(self.connect_timeout)
                     .set_response_timeout(self.command_timeout + extra);
@@ -229,9 +220,11 @@ impl Store {
                 match tokio::time::timeout(limit, cluster.get_async_connection_with_config(config))
                     .await
                 {
-                    Ok(connected) => connected
-                        .map(|c| Conn::Cluster(c, self.command_timeout + extra))
-                        .map_err(|source| self.error(source)),
+                    Ok(Ok(mut c)) => {
+                        seeds.learn(&mut c, self.connect_timeout).await;
+                        Ok(Conn::Cluster(c, self.command_timeout + extra))
+                    }
+                    Ok(Err(source)) => Err(self.error(source)),
                     Err(_) => Err(self.error(RedisError::from((
                         ::redis::ErrorKind::Io,
                         "no cluster connection in time",

@@ -231,7 +231,13 @@ async fn list_shards(conn: &mut Conn, base: &str) -> Result<Vec<Shard>, (String,
                 "no FT._LIST answer from the primary",
             ))),
         };
-        shards.push(shard_of(node, view.reply, listed, base, &mut seen)?);
+        // A node the crate's slot map still takes for a primary may be a replica now (a
+        // failover it has not seen yet), or a primary without slots: it holds no documents, so
+        // it needs no index; whoever serves its old slots is found below.
+        let shard = shard_of(node, view.reply, listed, base, &mut seen)?;
+        if !shard.slots.is_empty() {
+            shards.push(shard);
+        }
     }
     // The crate sends "every primary" commands to the primaries of its slot map, which it
     // refreshes only when a keyed command meets MOVED or a dead node: a primary that is down
@@ -302,7 +308,7 @@ fn shard_of(
     let lines = node_lines(&::redis::from_redis_value::<String>(view).unwrap_or_default());
     let slots = lines
         .iter()
-        .find(|l| l.myself)
+        .find(|l| l.myself && l.primary)
         .map(|l| l.slots.clone())
         .unwrap_or_default();
     seen.extend(lines.into_iter().filter(|l| l.primary && !l.myself));

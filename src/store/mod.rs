@@ -17,6 +17,7 @@ pub mod query;
 pub mod reindex;
 pub mod replicas;
 pub mod reply;
+pub mod seeds;
 pub mod shards;
 pub mod stream;
 

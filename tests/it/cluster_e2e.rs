@@ -1,6 +1,6 @@
 //! The worker fleet on a real Redis Cluster (3 primaries with the search and JSON modules, no
-//! search coordinator), end to end through sharded streams: the docs page's example first; then
-//! 2000 documents with `redis.wait_replicas = 1` (each primary with a replica) while a primary is
+//! search coordinator), end to end through sharded streams: the docs page's example alone; then
+//! the example and 2000 documents with `redis.wait_replicas = 1` (3 primaries, 3 replicas) while a primary is
 //! SIGKILLed and never restarted, another hands over by CLUSTER FAILOVER, and slots move: some
 //! documents', a shard stream's and a primary's index name's. Every document ends written,
 //! indexed and found by an exact search; nothing stays pending; no letter is dead; no worker
@@ -87,7 +87,7 @@ fn produce_range(
 ) {
     let mut conn = cluster.cluster_client().get_connection().unwrap();
     for i in ids {
-        let id = i.to_string();
+        let id = format!("n{i}");
         let text = text(i);
         produce(
             &mut conn,
@@ -162,6 +162,8 @@ fn a_fleet_loses_nothing_through_a_killed_primary_a_manual_failover_and_a_reshar
     let log_paths: Vec<_> = (0..2)
         .map(|w| logs.path().join(format!("worker{w}.log")))
         .collect();
+    let seed = cluster.primaries()[0];
+    assert_eq!(cluster.url(), format!("redis://127.0.0.1:{seed}"));
     let mut fleet = Fleet(
         log_paths
             .iter()
@@ -187,8 +189,17 @@ fn a_fleet_loses_nothing_through_a_killed_primary_a_manual_failover_and_a_reshar
         }
     };
 
-    // 1. A backlog, replicated, then the primary holding the most shard streams is SIGKILLed
-    //    mid-way through it, and never restarted.
+    // 1. The docs' example and a backlog, replicated, then the primary holding the most shard
+    //    streams is SIGKILLed mid-way through it, and never restarted.
+    let mut producer = cluster.cluster_client().get_connection().unwrap();
+    for (i, (content, genre)) in DOCS.iter().enumerate() {
+        let id = i.to_string();
+        produce(
+            &mut producer,
+            &shard_key(&names.stream, &id),
+            &[("id", &id), ("content", content), ("genre", genre)],
+        );
+    }
     produce_range(&cluster, &names, 0..1000, Duration::ZERO);
     cluster.wait_replicated();
     let done = wait_for(Duration::from_secs(120), || {
@@ -203,7 +214,11 @@ fn a_fleet_loses_nothing_through_a_killed_primary_a_manual_failover_and_a_reshar
             .entry(cluster.primary_for_slot(cluster.slot_of(&key)))
             .or_default() += 1;
     }
-    let (&victim, _) = streams_on.iter().max_by_key(|(_, n)| **n).unwrap();
+    // Of those, the node in the workers' redis.url: they must carry on without it.
+    let (&victim, _) = streams_on
+        .iter()
+        .max_by_key(|(&port, &n)| (n, port == seed))
+        .unwrap();
     cluster.kill(victim);
     let promoted = cluster.wait_failover(victim);
     eprintln!("{:?}: killed {victim}; {promoted} took over", t0.elapsed());
@@ -281,7 +296,7 @@ fn a_fleet_loses_nothing_through_a_killed_primary_a_manual_failover_and_a_reshar
             );
             last = Some(progress);
         }
-        let indexed = s["index"]["num_docs"].as_u64() == Some(DOCUMENTS as u64)
+        let indexed = s["index"]["num_docs"].as_u64() == Some((DOCUMENTS + DOCS.len()) as u64)
             && s["index"]["unindexed_primaries"] == serde_json::json!([])
             && s["index"]["indexing"] == false;
         (outstanding(&s) == 0 && indexed).then_some(s)
@@ -305,15 +320,17 @@ fn a_fleet_loses_nothing_through_a_killed_primary_a_manual_failover_and_a_reshar
     // Every document, with its vector, from the primaries that serve it now.
     let mut conn = cluster.cluster_client().get_connection().unwrap();
     let mut docs = Vec::new();
-    for i in 0..DOCUMENTS {
-        let key = format!("doc:{i}");
+    let every = (0..DOCUMENTS)
+        .map(|i| (format!("doc:n{i}"), text(i)))
+        .chain((0..DOCS.len()).map(|i| (format!("doc:{i}"), DOCS[i].0.to_string())));
+    for (key, text) in every {
         let (content, vector): (Option<String>, Option<Vec<u8>>) = ::redis::cmd("HMGET")
             .arg(&key)
             .arg("content")
             .arg("embedding")
             .query(&mut conn)
             .unwrap();
-        assert_eq!(content.as_deref(), Some(text(i).as_str()), "{key}");
+        assert_eq!(content.as_deref(), Some(text.as_str()), "{key}");
         let bytes = vector.unwrap_or_else(|| panic!("{key} has no vector"));
         assert_eq!(bytes.len(), 384 * 4, "{key}");
         let v: Vec<f32> = bytes
@@ -333,6 +350,9 @@ fn a_fleet_loses_nothing_through_a_killed_primary_a_manual_failover_and_a_reshar
         let got = search(searching(), query, 10);
         assert_same_ranking(&got, &brute_force(&docs, &vector, 10));
     }
-    assert_eq!(search(searching(), &text(1234), 1)[0].0, "doc:1234");
+    assert_eq!(search(searching(), &text(1234), 1)[0].0, "doc:n1234");
+    // The docs page's lines, in its order, from every primary's index (the notes filtered out).
+    let out = run_ok(searching().args(["search", QUERY, "--filter=-@genre:{notes}"]));
+    assert_docs_search_lines(&String::from_utf8(out.stdout).unwrap());
     drop(fleet);
 }
