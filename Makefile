@@ -104,6 +104,8 @@ bench: model model-int8 build ## throughput, latency and memory against the embe
 	$(ENV) $(VENV)/bin/python bench/unchanged.py
 	$(ENV) $(VENV)/bin/python bench/reindex.py
 	$(ENV) $(VENV)/bin/python bench/storage.py
+	$(ENV) $(VENV)/bin/python bench/hnsw.py
+	$(ENV) $(VENV)/bin/python bench/cluster.py
 	$(ENV) $(VENV)/bin/python bench/bench.py --soak $(BENCH_SOAK)
 	$(VENV)/bin/python bench/plots.py
 
@@ -125,7 +127,7 @@ clean:
 	cargo clean
 	rm -rf $(VENV) $(MODEL_DIR) tests/clients/node/node_modules
 
-.PHONY: bench-chunks bench-memory bench-unchanged bench-reindex bench-storage
+.PHONY: bench-chunks bench-memory bench-unchanged bench-reindex bench-storage bench-hnsw bench-cluster
 
 bench-chunks: model build ## retrieval quality of long documents per chunk size and overlap (bench/out/chunk_quality.json)
 	$(ENV) $(VENV)/bin/python bench/chunk_quality.py
@@ -141,6 +143,12 @@ bench-reindex: model model-int8 build ## reindex fp32 -> int8: docs/s and Redis 
 
 bench-memory: model build ## peak RSS on 900 KB entries, chunked and not, and long-document tokens/s (bench/out/memory.json)
 	$(ENV) $(VENV)/bin/python bench/memory.py
+
+bench-hnsw: model ## HNSW insert rate, Redis CPU and memory per document to 200k real vectors; recall vs EF_RUNTIME, M, EF_CONSTRUCTION (bench/out/hnsw.json)
+	$(ENV) $(VENV)/bin/python bench/hnsw.py
+
+bench-cluster: model build ## docs/s on one node against a 3-primary cluster, stream shards 1 and 3, wait_replicas 0 and 1 (bench/out/cluster.json)
+	$(ENV) $(VENV)/bin/python bench/cluster.py
 
 # The container image (deploy/Dockerfile), built and checked by deploy/image.sh. Without a
 # registry (this project's sandboxes): IMAGE_BASE=local builds on bases made with debootstrap from
