@@ -8,14 +8,16 @@ sentence of bench/corpus.py's documents and of the docstrings and comment blocks
 source file, and every window of consecutive sentences of one such document up to WINDOW_CHARS,
 deduplicated, shuffled. The first --queries texts are held out as queries; the documents are
 the next --docs. The vectors are cached under bench/out/hnsw-cache/ (git-ignored), so only the
-first run embeds (minutes; in a child process at nice 19).
+first run embeds (about 66 minutes for 200,200 texts on 2 cores; in a child process at nice 19;
+times recorded in the cache's timing.json and the output).
 
 Documents are written as the worker writes them: one hash per document (content, genre, the
 vector as 384 little-endian float32), HSETs in redis-py pipelines of --pipeline, into the
 product's schema (content TEXT, genre TAG, embedding VECTOR HNSW FLOAT32 384 L2,
 config/default.toml [index]) with the M and EF_CONSTRUCTION of the run.
 
-* grow: the control (no index at all), then M 16 / EF_CONSTRUCTION 200 (the product defaults),
+* grow: --grow-rounds (2) rounds, each the control (no index at all), then M 16 /
+  EF_CONSTRUCTION 200 (the product defaults), per-step medians over the rounds,
   0 -> --docs in steps of --step. Per step: docs/s until the last reply ("written"), then the
   time until FT.INFO num_docs equals what was written with percent_indexed 1 and the vector
   index's background queue empty ("searchable"; FT.INFO and FT.DEBUG VECSIM_INFO are sampled
@@ -29,7 +31,7 @@ config/default.toml [index]) with the M and EF_CONSTRUCTION of the run.
   recall. Medians over rounds.
 
     source scripts/env.sh
-    .venv/bin/python bench/hnsw.py                      # 200k grow + 50k grid x 3; bench/out/hnsw.json
+    .venv/bin/python bench/hnsw.py                      # 200k grow x 2 + 50k grid x 3 (~27 min); bench/out/hnsw.json
     .venv/bin/python bench/hnsw.py --docs 2000 --step 500 --recall-at 2000 --grid-docs 1000 \\
         --grid-step 500 --rounds 1 --queries 50          # smoke: a minute or two (embedding included)
     .venv/bin/python bench/hnsw.py --embed-only          # fill the vector cache only
