@@ -61,16 +61,6 @@ pub enum FanoutError {
     HashTag(String),
 }
 
-impl FanoutError {
-    /// The Redis error underneath, for deciding between retrying and stopping.
-    pub fn redis(&self) -> Option<&RedisError> {
-        match self {
-            FanoutError::Redis(error) | FanoutError::Shard { error, .. } => Some(error),
-            FanoutError::Unindexed { .. } | FanoutError::HashTag(_) => None,
-        }
-    }
-}
-
 /// Whether the cluster's search module has a coordinator, so that FT.* on any node covers
 /// every primary. A module built with one (Redis 8's Query Engine, RSCoordinator, Redis
 /// Enterprise) registers its shard-local commands as `_FT.SEARCH`, `_FT.INFO`..., and its

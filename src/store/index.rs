@@ -10,7 +10,7 @@ use super::fanout::{self, FanoutError};
 use super::reply::{pairs, text};
 use crate::settings::{IndexSettings, Storage};
 
-pub use super::fanout::{coordinated, per_shard};
+pub use super::fanout::per_shard;
 
 /// The vector field facts an existing index must agree with.
 #[derive(Debug, Clone, PartialEq, Eq)]
