@@ -4,6 +4,7 @@
 //! the crate only pipelines within one slot. Keyless commands that must reach every primary (the
 //! index without a coordinator) use [`Conn::on_primaries`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -12,14 +13,17 @@ use ::redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeR
 use ::redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, ServerError, Value};
 use futures::FutureExt;
 
+use super::coordinator::Memo;
+
 /// A connection to one server or to a cluster.
 #[derive(Clone)]
 pub enum Conn {
     Single(MultiplexedConnection),
     /// With the longest any one call may take, retries inside the crate included: its own
     /// response timeout does not bound a request queued behind a node it is reconnecting to (a
-    /// primary SIGKILLed), which then waits for as long as that node stays dead.
-    Cluster(ClusterConnection, Duration),
+    /// primary SIGKILLed), which then waits for as long as that node stays dead. And with the
+    /// `Store`'s answer to whether the search module has a coordinator.
+    Cluster(ClusterConnection, Duration, Arc<Memo>),
 }
 
 /// One primary's reply to a command sent to every primary.
@@ -42,7 +46,7 @@ impl Conn {
                 node: String::new(),
                 reply: cmd.query_async(c).await,
             }]),
-            Conn::Cluster(c, limit) => {
+            Conn::Cluster(c, limit, _) => {
                 let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
                 let Value::Map(replies) =
                     bounded(*limit, c.route_command(cmd.clone(), routing)).await?
@@ -70,7 +74,7 @@ impl Conn {
     pub async fn on_node(&mut self, node: &str, cmd: &Cmd) -> RedisResult<Value> {
         match self {
             Conn::Single(c) => cmd.query_async(c).await,
-            Conn::Cluster(c, limit) => {
+            Conn::Cluster(c, limit, _) => {
                 let (host, port) = node.rsplit_once(':').unwrap_or((node, "6379"));
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                     host: host.to_string(),
@@ -86,7 +90,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c, limit) => bounded(*limit, c.req_packed_command(cmd)).boxed(),
+            Conn::Cluster(c, limit, _) => bounded(*limit, c.req_packed_command(cmd)).boxed(),
         }
     }
 
@@ -98,7 +102,7 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c, limit) => {
+            Conn::Cluster(c, limit, _) => {
                 if pipeline.is_transaction() {
                     // A transaction must be on one slot; the server refuses it otherwise.
                     bounded(*limit, c.req_packed_commands(pipeline, offset, count)).boxed()
@@ -112,7 +116,7 @@ impl ConnectionLike for Conn {
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c, _) => c.get_db(),
+            Conn::Cluster(c, ..) => c.get_db(),
         }
     }
 }

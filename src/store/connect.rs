@@ -8,6 +8,7 @@ use ::redis::cluster::ClusterConfig;
 use ::redis::{AsyncConnectionConfig, Client, ErrorKind, IntoConnectionInfo, RedisError};
 
 use super::cluster::Conn;
+use super::coordinator::Memo;
 use super::seeds::Seeds;
 use crate::settings::{redact_url, ClusterMode, RedisSettings};
 
@@ -93,6 +94,8 @@ pub struct Store {
     cluster: Option<Seeds>,
     /// Whether the server is a cluster: forced by the settings, or found on the first connect.
     is_cluster: Arc<OnceLock<bool>>,
+    /// Whether the cluster's search module has a coordinator, asked now and then.
+    coordinator: Arc<Memo>,
     /// The URL with any password masked, for messages.
     pub url: String,
     connect_timeout: Duration,
@@ -180,6 +183,7 @@ impl Store {
             client,
             cluster,
             is_cluster,
+            coordinator: Arc::default(),
             url,
             connect_timeout: settings.connect_timeout,
             command_timeout: settings.command_timeout,
@@ -222,7 +226,11 @@ impl Store {
                 {
                     Ok(Ok(mut c)) => {
                         seeds.learn(&mut c, self.connect_timeout).await;
-                        Ok(Conn::Cluster(c, self.command_timeout + extra))
+                        Ok(Conn::Cluster(
+                            c,
+                            self.command_timeout + extra,
+                            self.coordinator.clone(),
+                        ))
                     }
                     Ok(Err(source)) => Err(self.error(source)),
                     Err(_) => Err(self.error(RedisError::from((

@@ -61,55 +61,6 @@ pub enum FanoutError {
     HashTag(String),
 }
 
-/// Whether the cluster's search module has a coordinator, so that FT.* on any node covers
-/// every primary. A module built with one (Redis 8's Query Engine, RSCoordinator, Redis
-/// Enterprise) registers its shard-local commands as `_FT.SEARCH`, `_FT.INFO`..., and its
-/// cluster commands `SEARCH.CLUSTERINFO` (`FT.CLUSTERINFO` before 2.0); a module without one
-/// registers none of them (redis-stack's RediSearch 2.10 here: COMMAND INFO answers nil for
-/// each). Every primary must have one, as in a rolling upgrade a coordinator fanning out to a
-/// primary without `_FT.SEARCH` fails. Anything else (an error, COMMAND refused by an ACL, a
-/// proxy hiding internal commands) reads as no coordinator, the safe side: fanning out from
-/// here to coordinated primaries costs duplicate work, but results stay exact (merging drops
-/// duplicate keys), whereas trusting a missing coordinator would search one shard of many.
-/// False on one server, where every index command covers every document already.
-pub async fn coordinated(conn: &mut Conn) -> bool {
-    if !conn.is_cluster() {
-        return false;
-    }
-    let mut cmd = ::redis::cmd("COMMAND");
-    cmd.arg("INFO")
-        .arg("_FT.SEARCH")
-        .arg("SEARCH.CLUSTERINFO")
-        .arg("FT.CLUSTERINFO");
-    let replies = match conn.on_primaries(&cmd).await {
-        Ok(replies) => replies,
-        Err(e) => {
-            tracing::debug!(error = %e, "COMMAND INFO failed: taking the search module for one without a coordinator");
-            return false;
-        }
-    };
-    !replies.is_empty()
-        && replies
-            .iter()
-            .all(|r| r.reply.as_ref().is_ok_and(names_a_command))
-}
-
-/// A COMMAND INFO reply that describes at least one of the commands asked about.
-fn names_a_command(reply: &Value) -> bool {
-    match reply {
-        Value::Array(entries) | Value::Set(entries) => {
-            entries.iter().any(|e| !matches!(e, Value::Nil))
-        }
-        Value::Map(entries) => !entries.is_empty(),
-        _ => false,
-    }
-}
-
-/// Whether index commands must go to every primary's own index: a cluster without coordinator.
-pub async fn per_shard(conn: &mut Conn) -> bool {
-    conn.is_cluster() && !coordinated(conn).await
-}
-
 /// The hash slot of a key, as the cluster computes it: CRC16 (XMODEM) of the key, or of its
 /// hash tag (what lies between the first `{` and the next `}`, when that is not empty).
 pub fn key_slot(key: &[u8]) -> u16 {
@@ -463,18 +414,5 @@ mod tests {
         assert!(lines[0].primary && !lines[0].myself && lines[0].serves(16383));
         assert!(!lines[2].primary && lines[2].slots.is_empty());
         assert!(node_lines("").is_empty());
-    }
-
-    #[test]
-    fn command_info_names_a_command_unless_all_nil() {
-        assert!(!names_a_command(&Value::Array(vec![
-            Value::Nil,
-            Value::Nil
-        ])));
-        assert!(names_a_command(&Value::Array(vec![
-            Value::Nil,
-            Value::Array(vec![Value::SimpleString("_ft.search".into())]),
-        ])));
-        assert!(!names_a_command(&Value::Nil));
     }
 }

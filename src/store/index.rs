@@ -6,11 +6,12 @@ use crate::store::cluster::Conn;
 use ::redis::{ErrorKind, RedisError, Value};
 
 use super::connect::{Store, StoreError};
+use super::coordinator;
 use super::fanout::{self, FanoutError};
 use super::reply::{pairs, text};
 use crate::settings::{IndexSettings, Storage};
 
-pub use super::fanout::per_shard;
+pub use super::coordinator::per_shard;
 
 /// The vector field facts an existing index must agree with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,7 +171,7 @@ pub fn field_names(info: &[(String, Value)]) -> Vec<String> {
 /// `index_name` the name asked for and the counts merged ([`merge_infos`]); `None` when no
 /// primary has one.
 pub async fn info(conn: &mut Conn, name: &str) -> Result<Option<Vec<(String, Value)>>, RedisError> {
-    if fanout::per_shard(conn).await {
+    if coordinator::per_shard(conn).await {
         let shards = shard_infos(conn, name).await.map_err(into_redis)?;
         return Ok(merge_infos(name, &shards));
     }
@@ -332,7 +333,7 @@ pub async fn ensure(
     parent: Option<&str>,
     dim: usize,
 ) -> Result<bool, StoreError> {
-    if !fanout::per_shard(conn).await {
+    if !coordinator::per_shard(conn).await {
         return ensure_one(store, conn, settings, layout, parent, dim, None).await;
     }
     let shards = fanout::shards(conn, layout.name)
@@ -550,7 +551,7 @@ pub async fn drop(conn: &mut Conn, name: &str, delete_docs: bool) -> Result<(), 
         }
         cmd
     };
-    if fanout::per_shard(conn).await {
+    if coordinator::per_shard(conn).await {
         let shards = fanout::shards(conn, name).await.map_err(into_redis)?;
         let names: Vec<&String> = shards.iter().filter_map(|s| s.index.as_ref()).collect();
         // None anywhere: the plain command below answers as on one server ("Unknown index name").
@@ -599,7 +600,7 @@ pub struct IndexProgress {
 
 /// The index's [`IndexProgress`]; None when it does not exist (anywhere).
 pub async fn progress(conn: &mut Conn, name: &str) -> Result<Option<IndexProgress>, RedisError> {
-    let (info, unindexed) = if fanout::per_shard(conn).await {
+    let (info, unindexed) = if coordinator::per_shard(conn).await {
         let shards = shard_infos(conn, name).await.map_err(into_redis)?;
         let unindexed = shards
             .iter()

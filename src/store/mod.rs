@@ -2,12 +2,13 @@
 //! Connections from the settings ([`connect`]), the stream and its group ([`stream`]), document
 //! writes and deletes on hashes or JSON ([`documents`]), the index's model record
 //! ([`generation`]), the dead-letter stream read back ([`dead_letters`]), the FT index schema
-//! ([`index`]; one per primary on a cluster without search coordinator: [`fanout`]), KNN queries
+//! ([`index`]; one per primary on a cluster without search coordinator, [`coordinator`]: [`fanout`]), KNN queries
 //! ([`query`]) and the reindex's walks and vector writes ([`reindex`]).
 //! (The external crate is spelled `::redis` inside this crate.)
 
 pub mod cluster;
 pub mod connect;
+pub mod coordinator;
 pub mod dead_letters;
 pub mod documents;
 pub mod fanout;

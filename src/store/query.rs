@@ -4,6 +4,7 @@
 use crate::store::cluster::Conn;
 use ::redis::Value;
 
+use super::coordinator;
 use super::fanout::{self, FanoutError};
 use super::index::json_path;
 use super::reply::{pairs, text};
@@ -38,7 +39,7 @@ pub fn vector_bytes(v: &[f32]) -> Vec<u8> {
 /// themselves ([`load_fields`]); a primary that keeps failing, or has no index, fails the whole
 /// query rather than leave its documents out.
 pub async fn knn(conn: &mut Conn, q: &Knn<'_>) -> Result<Vec<Hit>, FanoutError> {
-    if !fanout::per_shard(conn).await {
+    if !coordinator::per_shard(conn).await {
         let reply: Value = q.cmd(q.index, q.return_fields).query_async(conn).await?;
         return Ok(parse_search(&reply));
     }

@@ -143,6 +143,45 @@ fn the_docs_example_runs_through_sharded_streams_on_a_cluster() {
         indexes.extend(names);
     }
     assert!(indexes.contains(&"vector_idx".to_string()), "{indexes:?}");
+
+    // A running worker asks whether the search module has a coordinator once, not on each of
+    // its index calls (the readiness probe's every second, the index keeper's every 5 s).
+    let asked = || -> u64 {
+        cluster
+            .primaries()
+            .into_iter()
+            .map(|port| command_info_calls(&mut cluster.conn(port)))
+            .sum()
+    };
+    let before = asked();
+    let running = Fleet(vec![sharded(&cluster, &names)
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()]);
+    std::thread::sleep(Duration::from_secs(8));
+    drop(running);
+    // Each primary once, or a few times where the start-up's ensure, the probe's first round
+    // and the index keeper's ask before any has the answer; asked on each call, it would be
+    // at least 8 (the probe alone).
+    let per_primary = (asked() - before) as f64 / cluster.primaries().len() as f64;
+    assert!(
+        (1.0..=3.0).contains(&per_primary),
+        "COMMAND INFO per primary in 8 s of a running worker: {per_primary}"
+    );
+}
+
+/// How many COMMAND INFO calls the node has served (INFO commandstats).
+fn command_info_calls(conn: &mut ::redis::Connection) -> u64 {
+    let stats: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_command|info:calls="))
+        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
 }
 
 #[test]
