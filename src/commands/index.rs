@@ -7,8 +7,8 @@ use crate::model::EmbeddingConfig;
 use crate::settings::Settings;
 use crate::store::fanout::FanoutError;
 use crate::store::generation::{self, Generation};
-use crate::store::index::ShardInfo;
 use crate::store::reply::text;
+use crate::store::shard_index::{self, ShardInfo};
 use crate::store::{index, Store};
 
 #[derive(Debug, clap::Args)]
@@ -97,7 +97,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
             Action::Info => {
                 // Without a search coordinator: every primary's own index, summed, then each.
                 let shards = if index::per_shard(&mut conn).await {
-                    let shards = index::shard_infos(&mut conn, &settings.index.name)
+                    let shards = shard_index::infos(&mut conn, &settings.index.name)
                         .await
                         .map_err(|e| match e {
                             FanoutError::Redis(e) => anyhow::Error::from(store.error(e)),
@@ -108,7 +108,7 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
                     None
                 };
                 let info = match &shards {
-                    Some(shards) => index::merge_infos(&settings.index.name, shards),
+                    Some(shards) => shard_index::merge_infos(&settings.index.name, shards),
                     None => index::info(&mut conn, &settings.index.name)
                         .await
                         .map_err(|e| store.error(e))?,

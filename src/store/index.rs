@@ -1,14 +1,14 @@
 //! The FT index: created when missing, checked against the model when present, and how far
 //! the module has indexed. On a cluster whose search module has no coordinator every function
-//! here covers every primary's own index ([`super::fanout`]).
+//! here covers every primary's own index ([`super::shard_index`]).
 
 use crate::store::cluster::Conn;
-use ::redis::{ErrorKind, RedisError, Value};
+use ::redis::{RedisError, Value};
 
 use super::connect::{Store, StoreError};
 use super::coordinator;
-use super::fanout::{self, FanoutError};
 use super::reply::{pairs, text};
+use super::shard_index;
 use crate::settings::{IndexSettings, Storage};
 
 pub use super::coordinator::per_shard;
@@ -168,107 +168,28 @@ pub fn field_names(info: &[(String, Value)]) -> Vec<String> {
 
 /// FT.INFO as a flat map of top-level keys; `None` when the index does not exist. On a cluster
 /// without search coordinator, every primary's index in one: the first one's schema, with
-/// `index_name` the name asked for and the counts merged ([`merge_infos`]); `None` when no
-/// primary has one.
+/// `index_name` the name asked for and the counts merged ([`shard_index::merge_infos`]); `None`
+/// when no primary has one.
 pub async fn info(conn: &mut Conn, name: &str) -> Result<Option<Vec<(String, Value)>>, RedisError> {
     if coordinator::per_shard(conn).await {
-        let shards = shard_infos(conn, name).await.map_err(into_redis)?;
-        return Ok(merge_infos(name, &shards));
+        let shards = shard_index::infos(conn, name)
+            .await
+            .map_err(shard_index::into_redis)?;
+        return Ok(shard_index::merge_infos(name, &shards));
     }
     info_of(conn, name).await
 }
 
 /// FT.INFO of one index (routed by its name).
-async fn info_of(conn: &mut Conn, name: &str) -> Result<Option<Vec<(String, Value)>>, RedisError> {
+pub(super) async fn info_of(
+    conn: &mut Conn,
+    name: &str,
+) -> Result<Option<Vec<(String, Value)>>, RedisError> {
     let reply: Result<Value, _> = ::redis::cmd("FT.INFO").arg(name).query_async(conn).await;
     match reply {
         Ok(value) => Ok(Some(pairs(&value))),
         Err(e) if is_unknown_index(&e) => Ok(None),
         Err(e) => Err(e),
-    }
-}
-
-/// One primary's own index of a name, on a cluster without search coordinator.
-#[derive(Debug, Clone)]
-pub struct ShardInfo {
-    /// "host:port".
-    pub node: String,
-    /// Its index's name and FT.INFO; None when it has none.
-    pub index: Option<(String, Vec<(String, Value)>)>,
-    /// Its indexes of the name that no command can reach any more (see [`super::fanout`]).
-    pub stranded: Vec<String>,
-}
-
-/// Every primary's index of `name` and its FT.INFO, in node order (FT.INFO on each at once).
-pub async fn shard_infos(conn: &mut Conn, name: &str) -> Result<Vec<ShardInfo>, FanoutError> {
-    let shards = fanout::shards(conn, name).await?;
-    let infos = futures::future::join_all(shards.into_iter().map(|shard| {
-        let conn = conn.clone();
-        async move {
-            let index = match shard.index {
-                None => None,
-                Some(index) => fanout::retrying(&shard.node, || {
-                    let mut conn = conn.clone();
-                    let index = index.clone();
-                    async move { info_of(&mut conn, &index).await }
-                })
-                .await?
-                .map(|info| (index, info)),
-            };
-            Ok::<_, FanoutError>(ShardInfo {
-                node: shard.node,
-                index,
-                stranded: shard.stranded,
-            })
-        }
-    }))
-    .await;
-    infos.into_iter().collect()
-}
-
-/// Shards' FT.INFO as one index's: the first index's schema and options, `index_name` = `name`,
-/// num_docs, num_records and hash_indexing_failures summed, `indexing` if any shard is,
-/// `percent_indexed` the least. `None` when no primary has the index.
-pub fn merge_infos(name: &str, shards: &[ShardInfo]) -> Option<Vec<(String, Value)>> {
-    let infos: Vec<&Vec<(String, Value)>> = shards
-        .iter()
-        .filter_map(|s| s.index.as_ref().map(|(_, info)| info))
-        .collect();
-    let mut merged = (*infos.first()?).clone();
-    let number = |info: &[(String, Value)], key: &str| {
-        info.iter()
-            .find(|(k, _)| k == key)
-            .and_then(|(_, v)| text(v).parse::<f64>().ok())
-    };
-    let sum = |key: &str| infos.iter().filter_map(|i| number(i, key)).sum::<f64>();
-    let least = |key: &str| {
-        infos
-            .iter()
-            .filter_map(|i| number(i, key))
-            .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.min(x))))
-    };
-    for (key, value) in merged.iter_mut() {
-        *value = match key.as_str() {
-            "index_name" => Value::BulkString(name.as_bytes().to_vec()),
-            "num_docs" | "num_records" | "hash_indexing_failures" => Value::Int(sum(key) as i64),
-            "indexing" => {
-                Value::Int(infos.iter().any(|i| number(i, "indexing") == Some(1.0)) as i64)
-            }
-            "percent_indexed" => match least(key) {
-                Some(p) => Value::BulkString(p.to_string().into_bytes()),
-                None => continue,
-            },
-            _ => continue,
-        };
-    }
-    Some(merged)
-}
-
-/// A fan-out failure as the Redis error the callers of [`info`] and [`drop`] expect.
-fn into_redis(e: FanoutError) -> RedisError {
-    match e {
-        FanoutError::Redis(error) | FanoutError::Shard { error, .. } => error,
-        other => RedisError::from((ErrorKind::Client, "index", other.to_string())),
     }
 }
 
@@ -322,9 +243,10 @@ pub fn vector_spec(info: &[(String, Value)], field: &str) -> Option<VectorSpec> 
 ///
 /// On a cluster without search coordinator: the same on every primary's own index, each made
 /// under a name of its own slots where missing (a primary added since is picked up), all at
-/// once. Safe to call often: where every primary has its index it costs three commands on each
-/// primary (COMMAND INFO, FT._LIST, CLUSTER NODES) and one FT.INFO, concurrently, so about two
-/// round trips; on one server or with a coordinator one FT.INFO, as before.
+/// once ([`shard_index::ensure_each`]). Safe to call often: where every primary has its index
+/// it costs two commands on each primary (FT._LIST, CLUSTER NODES; COMMAND INFO once a minute)
+/// and one FT.INFO, concurrently, so about two round trips; on one server or with a coordinator
+/// one FT.INFO, as before.
 pub async fn ensure(
     store: &Store,
     conn: &mut Conn,
@@ -336,85 +258,12 @@ pub async fn ensure(
     if !coordinator::per_shard(conn).await {
         return ensure_one(store, conn, settings, layout, parent, dim, None).await;
     }
-    let shards = fanout::shards(conn, layout.name)
-        .await
-        .map_err(|e| fanout_error(store, e))?;
-    let results = futures::future::join_all(shards.iter().map(|shard| {
-        let mut conn = conn.clone();
-        async move {
-            let on_node = |e: StoreError| at_node(e, &shard.node);
-            let name = match &shard.index {
-                Some(name) => name.clone(),
-                None => shard
-                    .new_index_name(layout.name)
-                    .map_err(|e| on_node(fanout_error(store, e)))?,
-            };
-            let own = Layout {
-                name: &name,
-                ..*layout
-            };
-            let created = ensure_one(store, &mut conn, settings, &own, parent, dim, Some(&shard.node))
-                .await
-                .map_err(on_node)?;
-            if created {
-                tracing::info!(index = %name, node = %shard.node, "created the primary's own index");
-            }
-            Ok::<_, StoreError>(created)
-        }
-    }))
-    .await;
-    // Once per index and primary: the workers' check finds it again every few seconds.
-    static WARNED: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
-    for shard in &shards {
-        for stranded in &shard.stranded {
-            let seen = (shard.node.clone(), stranded.clone());
-            let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
-            if warned.contains(&seen) {
-                continue;
-            }
-            warned.push(seen);
-            tracing::warn!(index = %stranded, node = %shard.node,
-                "a reshard moved this index name's slot off its primary: the index still indexes \
-                 there but no command can reach it (not even FT.DROPINDEX) until the slot moves back");
-        }
-    }
-    let mut created = false;
-    for result in results {
-        created |= result?;
-    }
-    Ok(created)
-}
-
-/// A fan-out failure as a store error, naming the primary that failed.
-fn fanout_error(store: &Store, e: FanoutError) -> StoreError {
-    match e {
-        FanoutError::Redis(error) => store.error(error),
-        FanoutError::Shard { node, error, .. } => at_node(store.error(error), &node),
-        other @ (FanoutError::Unindexed { .. } | FanoutError::HashTag(_)) => StoreError::Setup {
-            url: store.url.clone(),
-            message: other.to_string(),
-        },
-    }
-}
-
-/// The error with the primary it came from beside the URL.
-fn at_node(e: StoreError, node: &str) -> StoreError {
-    match e {
-        StoreError::Redis { url, error } => StoreError::Redis {
-            url: format!("{url} (primary {node})"),
-            error,
-        },
-        StoreError::Setup { url, message } => StoreError::Setup {
-            url: format!("{url} (primary {node})"),
-            message,
-        },
-        other @ StoreError::TlsFile { .. } => other,
-    }
+    shard_index::ensure_each(store, conn, settings, layout, parent, dim).await
 }
 
 /// [`ensure`] for one index; FT.CREATE goes to `create_on` when given (a keyless route: the
 /// crate sends FT.CREATE to a random node).
-async fn ensure_one(
+pub(super) async fn ensure_one(
     store: &Store,
     conn: &mut Conn,
     settings: &IndexSettings,
@@ -552,17 +401,9 @@ pub async fn drop(conn: &mut Conn, name: &str, delete_docs: bool) -> Result<(), 
         cmd
     };
     if coordinator::per_shard(conn).await {
-        let shards = fanout::shards(conn, name).await.map_err(into_redis)?;
-        let names: Vec<&String> = shards.iter().filter_map(|s| s.index.as_ref()).collect();
         // None anywhere: the plain command below answers as on one server ("Unknown index name").
-        if !names.is_empty() {
-            let dropped = futures::future::join_all(names.into_iter().map(|index| {
-                let mut conn = conn.clone();
-                let cmd = dropindex(index);
-                async move { cmd.query_async::<()>(&mut conn).await }
-            }))
-            .await;
-            return dropped.into_iter().collect();
+        if let Some(dropped) = shard_index::drop_each(conn, name, dropindex).await {
+            return dropped;
         }
     }
     dropindex(name).query_async(conn).await
@@ -601,13 +442,15 @@ pub struct IndexProgress {
 /// The index's [`IndexProgress`]; None when it does not exist (anywhere).
 pub async fn progress(conn: &mut Conn, name: &str) -> Result<Option<IndexProgress>, RedisError> {
     let (info, unindexed) = if coordinator::per_shard(conn).await {
-        let shards = shard_infos(conn, name).await.map_err(into_redis)?;
+        let shards = shard_index::infos(conn, name)
+            .await
+            .map_err(shard_index::into_redis)?;
         let unindexed = shards
             .iter()
             .filter(|s| s.index.is_none())
             .map(|s| s.node.clone())
             .collect();
-        (merge_infos(name, &shards), unindexed)
+        (shard_index::merge_infos(name, &shards), unindexed)
     } else {
         (info_of(conn, name).await?, Vec::new())
     };

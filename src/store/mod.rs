@@ -2,8 +2,9 @@
 //! Connections from the settings ([`connect`]), the stream and its group ([`stream`]), document
 //! writes and deletes on hashes or JSON ([`documents`]), the index's model record
 //! ([`generation`]), the dead-letter stream read back ([`dead_letters`]), the FT index schema
-//! ([`index`]; one per primary on a cluster without search coordinator, [`coordinator`]: [`fanout`]), KNN queries
-//! ([`query`]) and the reindex's walks and vector writes ([`reindex`]).
+//! ([`index`]; on a cluster without search coordinator ([`coordinator`]) one per primary, which
+//! [`fanout`] names and [`shard_index`] covers), KNN queries ([`query`]) and the reindex's walks
+//! and vector writes ([`reindex`]).
 //! (The external crate is spelled `::redis` inside this crate.)
 
 pub mod cluster;
@@ -19,6 +20,7 @@ pub mod reindex;
 pub mod replicas;
 pub mod reply;
 pub mod seeds;
+pub mod shard_index;
 pub mod shards;
 pub mod stream;
 
