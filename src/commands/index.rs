@@ -56,15 +56,13 @@ pub fn execute(settings: Settings, args: Args) -> anyhow::Result<ExitCode> {
             Action::Create => {
                 // The dimension comes from the model's facts, not a constant.
                 let dim = EmbeddingConfig::load(&settings.model.dir)?.dimension;
-                let created = index::ensure(
-                    &store,
-                    &mut conn,
-                    &settings.index,
-                    &layout,
-                    settings.parent_field(),
+                let wanted = index::Wanted {
+                    settings: &settings.index,
+                    layout,
+                    parent: settings.parent_field(),
                     dim,
-                )
-                .await?;
+                };
+                let created = index::ensure(&store, &mut conn, &wanted).await?;
                 println!(
                     "{} {}",
                     settings.index.name,

@@ -276,19 +276,17 @@ impl Reindex<'_> {
             index: format!("{}@{}", s.name, fp.id),
             vector_field: format!("{}@{}", s.vector_field, fp.id),
         };
-        index::ensure(
-            &self.store,
-            conn,
-            s,
-            &index::Layout {
+        let wanted = index::Wanted {
+            settings: s,
+            layout: index::Layout {
                 name: &next.index,
                 vector_field: &next.vector_field,
                 model_tag: true,
             },
-            self.settings.parent_field(),
-            self.model.handle.dimension(),
-        )
-        .await?;
+            parent: self.settings.parent_field(),
+            dim: self.model.handle.dimension(),
+        };
+        index::ensure(&self.store, conn, &wanted).await?;
         generation::name_next(conn, &self.key, &next).await?;
         eprintln!(
             "reindex: moving {} from {} [{}] to {}: new index {} (vectors in {})",

@@ -31,15 +31,13 @@ pub async fn ensure(
         model_tag: false,
     };
     let parent = ctx.settings.parent_field();
-    Ok(index::ensure(
-        &ctx.store,
-        conn,
-        &ctx.settings.index,
-        &layout,
+    let wanted = index::Wanted {
+        settings: &ctx.settings.index,
+        layout,
         parent,
-        dimension,
-    )
-    .await?)
+        dim: dimension,
+    };
+    Ok(index::ensure(&ctx.store, conn, &wanted).await?)
 }
 
 /// Checks the index every `KEEP_EVERY` until the worker stops. A transient failure (a failover,

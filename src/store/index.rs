@@ -44,6 +44,16 @@ impl<'a> Layout<'a> {
     }
 }
 
+/// The index a caller needs: the settings' schema and storage, its layout, the TAG field holding
+/// a chunk's parent document id (while chunking is on) and the model's dimension.
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted<'a> {
+    pub settings: &'a IndexSettings,
+    pub layout: Layout<'a>,
+    pub parent: Option<&'a str>,
+    pub dim: usize,
+}
+
 /// The FT.CREATE arguments for the settings, the layout and the model's dimension; `parent` is
 /// the TAG field holding a chunk's parent document id (while chunking is on).
 pub fn create_args(
@@ -250,15 +260,12 @@ pub fn vector_spec(info: &[(String, Value)], field: &str) -> Option<VectorSpec> 
 pub async fn ensure(
     store: &Store,
     conn: &mut Conn,
-    settings: &IndexSettings,
-    layout: &Layout<'_>,
-    parent: Option<&str>,
-    dim: usize,
+    wanted: &Wanted<'_>,
 ) -> Result<bool, StoreError> {
     if !coordinator::per_shard(conn).await {
-        return ensure_one(store, conn, settings, layout, parent, dim, None).await;
+        return ensure_one(store, conn, wanted, None).await;
     }
-    shard_index::ensure_each(store, conn, settings, layout, parent, dim).await
+    shard_index::ensure_each(store, conn, wanted).await
 }
 
 /// [`ensure`] for one index; FT.CREATE goes to `create_on` when given (a keyless route: the
@@ -266,12 +273,15 @@ pub async fn ensure(
 pub(super) async fn ensure_one(
     store: &Store,
     conn: &mut Conn,
-    settings: &IndexSettings,
-    layout: &Layout<'_>,
-    parent: Option<&str>,
-    dim: usize,
+    wanted: &Wanted<'_>,
     create_on: Option<&str>,
 ) -> Result<bool, StoreError> {
+    let Wanted {
+        settings,
+        layout,
+        parent,
+        dim,
+    } = *wanted;
     let wanted = VectorSpec {
         dim,
         data_type: "FLOAT32".into(),
@@ -341,7 +351,7 @@ pub(super) async fn ensure_one(
         }
         None => {
             let mut create = ::redis::cmd("FT.CREATE");
-            create.arg(create_args(settings, layout, parent, dim));
+            create.arg(create_args(settings, &layout, parent, dim));
             let result: Result<(), RedisError> = match create_on {
                 None => create.query_async(conn).await,
                 Some(node) => match conn.on_node(node, &create).await {

@@ -7,9 +7,8 @@ use ::redis::{ErrorKind, RedisError, Value};
 use super::cluster::Conn;
 use super::connect::{Store, StoreError};
 use super::fanout::{self, FanoutError};
-use super::index::{self, Layout};
+use super::index::{self, Layout, Wanted};
 use super::reply::text;
-use crate::settings::IndexSettings;
 
 /// One primary's own index of a name, on a cluster without search coordinator.
 #[derive(Debug, Clone)]
@@ -100,12 +99,9 @@ pub(super) fn into_redis(e: FanoutError) -> RedisError {
 pub(super) async fn ensure_each(
     store: &Store,
     conn: &mut Conn,
-    settings: &IndexSettings,
-    layout: &Layout<'_>,
-    parent: Option<&str>,
-    dim: usize,
+    wanted: &Wanted<'_>,
 ) -> Result<bool, StoreError> {
-    let shards = fanout::shards(conn, layout.name)
+    let shards = fanout::shards(conn, wanted.layout.name)
         .await
         .map_err(|e| fanout_error(store, e))?;
     let results = futures::future::join_all(shards.iter().map(|shard| {
@@ -115,14 +111,17 @@ pub(super) async fn ensure_each(
             let name = match &shard.index {
                 Some(name) => name.clone(),
                 None => shard
-                    .new_index_name(layout.name)
+                    .new_index_name(wanted.layout.name)
                     .map_err(|e| on_node(fanout_error(store, e)))?,
             };
-            let own = Layout {
-                name: &name,
-                ..*layout
+            let own = Wanted {
+                layout: Layout {
+                    name: &name,
+                    ..wanted.layout
+                },
+                ..*wanted
             };
-            let created = index::ensure_one(store, &mut conn, settings, &own, parent, dim, Some(&shard.node))
+            let created = index::ensure_one(store, &mut conn, &own, Some(&shard.node))
                 .await
                 .map_err(on_node)?;
             if created {
