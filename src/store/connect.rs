@@ -55,8 +55,10 @@ pub fn classify(err: &RedisError) -> Disposition {
             // exiting would only turn a full Redis into a crash-looping fleet.
             // MOVED and ASK reach here only when the redirect could not be followed (the crate
             // follows them): the slot map is changing, which is a reshard or a failover.
+            // UNBLOCKED: a blocking read (XREADGROUP BLOCK) or WAIT was cut short because its
+            // primary became a replica (CLUSTER FAILOVER), or by CLIENT UNBLOCK.
             "LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "CLUSTERDOWN" | "READONLY" | "OOM"
-            | "MOVED" | "ASK" | "FAILOVER" | "WAITTIMEOUT" => Disposition::Retry,
+            | "MOVED" | "ASK" | "FAILOVER" | "WAITTIMEOUT" | "UNBLOCKED" => Disposition::Retry,
             "NOAUTH" | "WRONGPASS" | "NOPERM" => Disposition::Stop,
             _ => Disposition::Stop,
         };
@@ -366,6 +368,22 @@ mod tests {
             "reset",
         ));
         assert_eq!(classify(&io), Disposition::Retry);
+        // As a demoted primary answers a client blocked in XREADGROUP (seen in the failover
+        // test: the worker exited on it).
+        let line = "-UNBLOCKED force unblock from blocking operation, instance state changed \
+                    (master -> replica?)\r\n";
+        let ::redis::Value::ServerError(unblocked) =
+            ::redis::parse_redis_value(line.as_bytes()).unwrap()
+        else {
+            panic!("not an error reply")
+        };
+        assert_eq!(classify(&unblocked.into()), Disposition::Retry);
+        let Ok(::redis::Value::ServerError(wrongtype)) =
+            ::redis::parse_redis_value(b"-WRONGTYPE Operation against a key\r\n")
+        else {
+            panic!("not an error reply")
+        };
+        assert_eq!(classify(&wrongtype.into()), Disposition::Stop);
     }
 
     #[test]
