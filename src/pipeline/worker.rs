@@ -74,6 +74,9 @@ pub enum WorkerError {
          Fix: set chunk.size (EMBED_WORKER__CHUNK__SIZE) to at most {max}"
     )]
     ChunkTooLong { size: usize, max: usize },
+    /// Key prefixes that a cluster cannot keep in one slot with their documents.
+    #[error("{0}")]
+    KeysAcrossSlots(String),
     #[error(
         "model mismatch: index {index} holds vectors of {index_model}, and this worker runs {ours}; \
          it wrote nothing. Fix: set model.file (EMBED_WORKER__MODEL__FILE) to the index's model, \
@@ -296,7 +299,9 @@ async fn prepare_redis(
     conn: &mut Conn,
     dimension: usize,
 ) -> Result<Option<Generation>, WorkerError> {
-    ctx.docs.set_cluster(conn.is_cluster());
+    ctx.docs
+        .set_cluster(conn.is_cluster())
+        .map_err(WorkerError::KeysAcrossSlots)?;
     let Some(generation) = check_model(ctx, conn).await? else {
         return Ok(None);
     };

@@ -177,9 +177,16 @@ impl DocStore {
         }
     }
 
-    /// Says, once (start-up), whether the server is a Redis Cluster.
-    pub fn set_cluster(&self, cluster: bool) {
+    /// Says, once (start-up), whether the server is a Redis Cluster. There, refuses prefixes
+    /// that cannot keep a document's keys in one slot ([`slot_problem`]), naming the fix.
+    pub fn set_cluster(&self, cluster: bool) -> Result<(), String> {
+        if cluster {
+            if let Some(problem) = slot_problem(&self.prefix, &self.tombstone_prefix) {
+                return Err(problem);
+            }
+        }
         let _ = self.cluster.set(cluster);
+        Ok(())
     }
 
     fn on_cluster(&self) -> bool {
@@ -264,6 +271,34 @@ pub fn hash_tag(key: &str) -> Option<&str> {
     let open = key.find('{')?;
     let close = key[open + 1..].find('}')?;
     (close > 0).then(|| &key[open + 1..open + 1 + close])
+}
+
+/// Why, on a cluster, a document's chunks or tombstone could not share its slot with these
+/// prefixes; None when they can. Ids hold no braces (`entry`), so a key's hash tag is its
+/// prefix's. Untagged, the key itself becomes the chunks' and tombstone's tag, which a brace
+/// inside it breaks (the tag would start at its `{` or end at its `}`); a tombstone prefix with
+/// a `{` moves where the tombstone's tag starts, which is harmless only when it is a whole tag
+/// and the same as the prefix's.
+pub fn slot_problem(prefix: &str, tombstone_prefix: &str) -> Option<String> {
+    if hash_tag(prefix).is_none() && prefix.contains(['{', '}']) {
+        return Some(format!(
+            "configuration: index.prefix {prefix:?} has a brace but no whole hash tag, so on \
+             a Redis Cluster a document's chunks and tombstone would hash to other slots than the \
+             document, and every write would be refused (CROSSSLOT). Fix: an index.prefix \
+             (EMBED_WORKER__INDEX__PREFIX) without braces, or with a whole tag such as \
+             \"doc:{{tenant}}:\" (which puts all documents in that tag's one slot)"
+        ));
+    }
+    let own_tag = hash_tag(tombstone_prefix);
+    if tombstone_prefix.contains('{') && !(own_tag.is_some() && own_tag == hash_tag(prefix)) {
+        return Some(format!(
+            "configuration: index.tombstone_prefix {tombstone_prefix:?} has a '{{' that is not index.prefix's own hash tag, so on a Redis \
+             Cluster a document's tombstone would hash to another slot than the document, and \
+             every delete would be refused (CROSSSLOT). Fix: an index.tombstone_prefix \
+             (EMBED_WORKER__INDEX__TOMBSTONE_PREFIX) without '{{'"
+        ));
+    }
+    None
 }
 
 /// One change to one document.
@@ -671,12 +706,12 @@ mod tests {
     fn a_documents_keys_share_its_slot_on_a_cluster_and_stay_as_they_were_on_one_server() {
         let settings = crate::settings::Settings::load_from(None, Vec::new()).unwrap();
         let single = DocStore::from_settings(&settings);
-        single.set_cluster(false);
+        single.set_cluster(false).unwrap();
         assert_eq!(single.chunk_key("doc:42", 1), "doc:42#1");
         assert_eq!(single.tombstone_key("doc:42"), "embed:tomb:{doc:42}");
         assert_eq!(single.tombstone_key("doc:{a}"), "embed:tomb:{doc:{a}}");
         let cluster = DocStore::from_settings(&settings);
-        cluster.set_cluster(true);
+        cluster.set_cluster(true).unwrap();
         assert_eq!(cluster.chunk_key("doc:42", 0), "doc:{doc:42}#0");
         assert_eq!(cluster.tombstone_key("doc:42"), "embed:tomb:{doc:42}");
         assert_eq!(cluster.chunk_key("doc:{a}", 2), "doc:{a}#2");
@@ -691,6 +726,52 @@ mod tests {
         assert_eq!(hash_tag("a{b}c{d}"), Some("b"));
         assert_eq!(hash_tag("a{}b"), None);
         assert_eq!(hash_tag("a{b"), None);
+    }
+
+    #[test]
+    fn prefixes_are_refused_on_a_cluster_exactly_when_they_would_split_a_documents_keys() {
+        let slot_of = |k: &str| hash_tag(k).unwrap_or(k).to_string();
+        let prefixes = [
+            "doc:",
+            "doc:{t}:",
+            "doc:{t}}:",
+            "doc:{open",
+            "a}b:",
+            "a}{b",
+            "x{}:",
+            "}",
+            "{}{a}",
+        ];
+        let mut refused = 0;
+        for prefix in prefixes {
+            for tombstones in ["embed:tomb:", "t}:", "t{:", "{t}"] {
+                let mut settings = crate::settings::Settings::load_from(None, Vec::new()).unwrap();
+                settings.index.prefix = prefix.into();
+                settings.index.tombstone_prefix = tombstones.into();
+                let problem = DocStore::from_settings(&settings).set_cluster(true).err();
+                // The keys the worker would make on a cluster, refused or not.
+                let docs = DocStore::from_settings(&settings);
+                docs.cluster.set(true).unwrap();
+                let key = format!("{prefix}42");
+                let split = [docs.chunk_key(&key, 0), docs.tombstone_key(&key)]
+                    .iter()
+                    .any(|derived| slot_of(derived) != slot_of(&key));
+                assert_eq!(
+                    problem.is_some(),
+                    split,
+                    "prefix {prefix:?}, tombstones {tombstones:?}: {problem:?}"
+                );
+                refused += usize::from(split);
+                // One server has no slots: nothing is refused.
+                assert!(DocStore::from_settings(&settings)
+                    .set_cluster(false)
+                    .is_ok());
+            }
+        }
+        assert!(
+            (10..36).contains(&refused),
+            "both outcomes are exercised: {refused}"
+        );
     }
 
     #[test]

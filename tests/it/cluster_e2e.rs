@@ -144,6 +144,27 @@ fn the_docs_example_runs_through_sharded_streams_on_a_cluster() {
     }
     assert!(indexes.contains(&"vector_idx".to_string()), "{indexes:?}");
 
+    // A prefix that cannot keep a document's chunks and tombstone in its slot is refused at
+    // start-up, naming the setting, before anything is read or written.
+    let before = stats(&mut sharded(&cluster, &names));
+    let refused = sharded(&cluster, &names)
+        .env("EMBED_WORKER__INDEX__PREFIX", "doc}:")
+        .args(["run", "--drain"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("index.prefix \"doc}:\" has a brace but no whole hash tag"),
+        "{stderr}"
+    );
+    let after = stats(&mut sharded(&cluster, &names));
+    for part in ["shards", "dead_letters", "index"] {
+        assert_eq!(after[part], before[part], "{part}");
+    }
+    let consumers = |s: &serde_json::Value| s["consumers"].as_array().unwrap().len();
+    assert_eq!(consumers(&after), consumers(&before), "it joined no group");
+
     // A running worker asks whether the search module has a coordinator once, not on each of
     // its index calls (the readiness probe's every second, the index keeper's every 5 s).
     let asked = || -> u64 {
