@@ -300,6 +300,7 @@ async fn prepare_redis(
     dimension: usize,
 ) -> Result<Option<Generation>, WorkerError> {
     ctx.docs
+        .keys
         .set_cluster(conn.is_cluster())
         .map_err(WorkerError::KeysAcrossSlots)?;
     let Some(generation) = check_model(ctx, conn).await? else {

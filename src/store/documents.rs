@@ -16,6 +16,7 @@ use ::redis::{RedisError, Value};
 use super::connect::{classify, Disposition};
 use super::query::vector_bytes;
 use super::reply::text;
+use super::slots::DocKeys;
 use crate::settings::{Settings, Storage};
 
 /// The function library, loaded with FUNCTION LOAD REPLACE when the server lacks this version.
@@ -139,18 +140,14 @@ pub struct DocStore {
     numeric: Vec<String>,
     text_field: String,
     parent_field: String,
-    /// The index's key prefix (`index.prefix`).
-    prefix: String,
-    tombstone_prefix: String,
+    /// The keys of one document, which a cluster must keep in its slot.
+    pub keys: DocKeys,
     tombstone_ttl: Duration,
     /// The index's model record (see [`super::generation`]).
     record_key: String,
     /// This writer's model and the hash field its vectors go to: known once start-up has
     /// checked the model against the index's record.
     writer: OnceLock<Writer>,
-    /// Whether the server is a Redis Cluster: there every key of one call must share a slot,
-    /// so chunk keys carry the document key as a hash tag and the record stays out of the call.
-    cluster: OnceLock<bool>,
 }
 
 /// Who writes: the model's fingerprint, and the hash field its vectors go to (the index's
@@ -168,29 +165,11 @@ impl DocStore {
             numeric: s.index.numeric_fields(),
             text_field: s.stream.text_field.clone(),
             parent_field: s.chunk.parent_field.clone(),
-            prefix: s.index.prefix.clone(),
-            tombstone_prefix: s.index.tombstone_prefix.clone(),
+            keys: DocKeys::new(&s.index.prefix, &s.index.tombstone_prefix),
             tombstone_ttl: s.index.tombstone_ttl,
             record_key: super::generation::record_key(&s.index.name),
             writer: OnceLock::new(),
-            cluster: OnceLock::new(),
         }
-    }
-
-    /// Says, once (start-up), whether the server is a Redis Cluster. There, refuses prefixes
-    /// that cannot keep a document's keys in one slot ([`slot_problem`]), naming the fix.
-    pub fn set_cluster(&self, cluster: bool) -> Result<(), String> {
-        if cluster {
-            if let Some(problem) = slot_problem(&self.prefix, &self.tombstone_prefix) {
-                return Err(problem);
-            }
-        }
-        let _ = self.cluster.set(cluster);
-        Ok(())
-    }
-
-    fn on_cluster(&self) -> bool {
-        self.cluster.get().copied().unwrap_or(false)
     }
 
     /// A field's value as stored: as given in a hash; on JSON, a JSON number for a NUMERIC
@@ -233,72 +212,15 @@ impl DocStore {
             .expect("the writer is set at start-up, before any write")
     }
 
-    /// The key of chunk `n` of the multi-chunk document at `key`: `key#n`, which on one server
-    /// is all it needs. On a cluster it must hash to the document's slot: a key with a hash tag
-    /// keeps it (`doc:{a}#0`); any other is wrapped as the tag, after the index prefix so the
-    /// chunk stays indexed (`doc:{doc:42}#0`, in the slot of `doc:42`).
-    pub fn chunk_key(&self, key: &str, n: usize) -> String {
-        if !self.on_cluster() || hash_tag(key).is_some() {
-            return format!("{key}{CHUNK_SEPARATOR}{n}");
-        }
-        format!("{}{{{key}}}{CHUNK_SEPARATOR}{n}", self.prefix)
-    }
-
-    /// The tombstone of the document at `key`: outside the index prefix, and in the document's
-    /// slot so one FCALL may touch both: tagged with the key (`embed:tomb:{doc:42}`), or, for
-    /// a key with its own hash tag on a cluster, carrying that tag (`embed:tomb:doc:{a}`).
-    pub fn tombstone_key(&self, key: &str) -> String {
-        if self.on_cluster() && hash_tag(key).is_some() {
-            return format!("{}{key}", self.tombstone_prefix);
-        }
-        format!("{}{{{key}}}", self.tombstone_prefix)
-    }
-
     /// The model record as a document function's KEYS[3]: on a cluster it is in another slot,
     /// so the document key stands in (documents.lua `record_in_reach`).
     fn record_arg<'k>(&'k self, key: &'k str) -> &'k str {
-        if self.on_cluster() {
+        if self.keys.on_cluster() {
             key
         } else {
             &self.record_key
         }
     }
-}
-
-/// The hash tag of `key` as Redis Cluster reads it: what lies between the first `{` and the
-/// next `}`, when not empty. A key without one hashes whole.
-pub fn hash_tag(key: &str) -> Option<&str> {
-    let open = key.find('{')?;
-    let close = key[open + 1..].find('}')?;
-    (close > 0).then(|| &key[open + 1..open + 1 + close])
-}
-
-/// Why, on a cluster, a document's chunks or tombstone could not share its slot with these
-/// prefixes; None when they can. Ids hold no braces (`entry`), so a key's hash tag is its
-/// prefix's. Untagged, the key itself becomes the chunks' and tombstone's tag, which a brace
-/// inside it breaks (the tag would start at its `{` or end at its `}`); a tombstone prefix with
-/// a `{` moves where the tombstone's tag starts, which is harmless only when it is a whole tag
-/// and the same as the prefix's.
-pub fn slot_problem(prefix: &str, tombstone_prefix: &str) -> Option<String> {
-    if hash_tag(prefix).is_none() && prefix.contains(['{', '}']) {
-        return Some(format!(
-            "configuration: index.prefix {prefix:?} has a brace but no whole hash tag, so on \
-             a Redis Cluster a document's chunks and tombstone would hash to other slots than the \
-             document, and every write would be refused (CROSSSLOT). Fix: an index.prefix \
-             (EMBED_WORKER__INDEX__PREFIX) without braces, or with a whole tag such as \
-             \"doc:{{tenant}}:\" (which puts all documents in that tag's one slot)"
-        ));
-    }
-    let own_tag = hash_tag(tombstone_prefix);
-    if tombstone_prefix.contains('{') && !(own_tag.is_some() && own_tag == hash_tag(prefix)) {
-        return Some(format!(
-            "configuration: index.tombstone_prefix {tombstone_prefix:?} has a '{{' that is not index.prefix's own hash tag, so on a Redis \
-             Cluster a document's tombstone would hash to another slot than the document, and \
-             every delete would be refused (CROSSSLOT). Fix: an index.tombstone_prefix \
-             (EMBED_WORKER__INDEX__TOMBSTONE_PREFIX) without '{{'"
-        ));
-    }
-    None
 }
 
 /// One change to one document.
@@ -501,10 +423,10 @@ fn push_call(
         .arg(function)
         .arg(3 + chunk_keys)
         .arg(key)
-        .arg(store.tombstone_key(key))
+        .arg(store.keys.tombstone(key))
         .arg(store.record_arg(key));
     for n in 0..chunk_keys {
-        cmd.arg(store.chunk_key(key, n));
+        cmd.arg(store.keys.chunk(key, n));
     }
     match change {
         Change::Touch {
@@ -700,78 +622,6 @@ mod tests {
             Value::ServerError(e) => RedisError::from(e),
             other => panic!("not an error reply: {other:?}"),
         }
-    }
-
-    #[test]
-    fn a_documents_keys_share_its_slot_on_a_cluster_and_stay_as_they_were_on_one_server() {
-        let settings = crate::settings::Settings::load_from(None, Vec::new()).unwrap();
-        let single = DocStore::from_settings(&settings);
-        single.set_cluster(false).unwrap();
-        assert_eq!(single.chunk_key("doc:42", 1), "doc:42#1");
-        assert_eq!(single.tombstone_key("doc:42"), "embed:tomb:{doc:42}");
-        assert_eq!(single.tombstone_key("doc:{a}"), "embed:tomb:{doc:{a}}");
-        let cluster = DocStore::from_settings(&settings);
-        cluster.set_cluster(true).unwrap();
-        assert_eq!(cluster.chunk_key("doc:42", 0), "doc:{doc:42}#0");
-        assert_eq!(cluster.tombstone_key("doc:42"), "embed:tomb:{doc:42}");
-        assert_eq!(cluster.chunk_key("doc:{a}", 2), "doc:{a}#2");
-        assert_eq!(cluster.tombstone_key("doc:{a}"), "embed:tomb:doc:{a}");
-        // Each derived key hashes like its document.
-        let slot_of = |k: &str| hash_tag(k).unwrap_or(k).to_string();
-        for key in ["doc:42", "doc:{a}", "doc:{open"] {
-            for derived in [cluster.chunk_key(key, 3), cluster.tombstone_key(key)] {
-                assert_eq!(slot_of(&derived), slot_of(key), "{derived} for {key}");
-            }
-        }
-        assert_eq!(hash_tag("a{b}c{d}"), Some("b"));
-        assert_eq!(hash_tag("a{}b"), None);
-        assert_eq!(hash_tag("a{b"), None);
-    }
-
-    #[test]
-    fn prefixes_are_refused_on_a_cluster_exactly_when_they_would_split_a_documents_keys() {
-        let slot_of = |k: &str| hash_tag(k).unwrap_or(k).to_string();
-        let prefixes = [
-            "doc:",
-            "doc:{t}:",
-            "doc:{t}}:",
-            "doc:{open",
-            "a}b:",
-            "a}{b",
-            "x{}:",
-            "}",
-            "{}{a}",
-        ];
-        let mut refused = 0;
-        for prefix in prefixes {
-            for tombstones in ["embed:tomb:", "t}:", "t{:", "{t}"] {
-                let mut settings = crate::settings::Settings::load_from(None, Vec::new()).unwrap();
-                settings.index.prefix = prefix.into();
-                settings.index.tombstone_prefix = tombstones.into();
-                let problem = DocStore::from_settings(&settings).set_cluster(true).err();
-                // The keys the worker would make on a cluster, refused or not.
-                let docs = DocStore::from_settings(&settings);
-                docs.cluster.set(true).unwrap();
-                let key = format!("{prefix}42");
-                let split = [docs.chunk_key(&key, 0), docs.tombstone_key(&key)]
-                    .iter()
-                    .any(|derived| slot_of(derived) != slot_of(&key));
-                assert_eq!(
-                    problem.is_some(),
-                    split,
-                    "prefix {prefix:?}, tombstones {tombstones:?}: {problem:?}"
-                );
-                refused += usize::from(split);
-                // One server has no slots: nothing is refused.
-                assert!(DocStore::from_settings(&settings)
-                    .set_cluster(false)
-                    .is_ok());
-            }
-        }
-        assert!(
-            (10..36).contains(&refused),
-            "both outcomes are exercised: {refused}"
-        );
     }
 
     #[test]

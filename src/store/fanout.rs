@@ -20,6 +20,7 @@ use ::redis::{RedisError, RedisResult, Value};
 use super::cluster::Conn;
 use super::connect::{classify, Backoff, Disposition};
 use super::reply::text;
+use super::slots::{hash_tag, key_slot, SLOTS};
 
 /// Tries of one primary's command before the whole answer fails. With the back-off below they
 /// span about 5 to 10 s: enough for a failover under a short `cluster-node-timeout` (1 s: about
@@ -28,9 +29,6 @@ use super::reply::text;
 const TRIES: u32 = 8;
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(2);
-
-/// Hash slots in a Redis Cluster.
-const SLOTS: u16 = 16384;
 
 /// A cluster answer that would leave out some primary's documents.
 #[derive(Debug, thiserror::Error)]
@@ -59,30 +57,6 @@ pub enum FanoutError {
          an index name of its own slot. Fix: set index.name to a name without braces"
     )]
     HashTag(String),
-}
-
-/// The hash slot of a key, as the cluster computes it: CRC16 (XMODEM) of the key, or of its
-/// hash tag (what lies between the first `{` and the next `}`, when that is not empty).
-pub fn key_slot(key: &[u8]) -> u16 {
-    crc16(hash_tag(key).unwrap_or(key)) % SLOTS
-}
-
-fn hash_tag(key: &[u8]) -> Option<&[u8]> {
-    let open = key.iter().position(|&b| b == b'{')?;
-    let close = key[open + 1..].iter().position(|&b| b == b'}')?;
-    (close > 0).then(|| &key[open + 1..open + 1 + close])
-}
-
-fn crc16(bytes: &[u8]) -> u16 {
-    bytes.iter().fold(0u16, |crc, &b| {
-        (0..8).fold(crc ^ (u16::from(b) << 8), |c, _| {
-            if c & 0x8000 != 0 {
-                (c << 1) ^ 0x1021
-            } else {
-                c << 1
-            }
-        })
-    })
 }
 
 /// One primary, its slots, and its shard index of one name.
@@ -356,17 +330,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn slots_are_the_clusters() {
-        // CLUSTER KEYSLOT on a real server: foo 12182, t1 8943, t2 4748; tags hash alone.
-        assert_eq!(key_slot(b"foo"), 12182);
-        assert_eq!(key_slot(b"t1"), 8943);
-        assert_eq!(key_slot(b"t2"), 4748);
-        assert_eq!(key_slot(b"{t1}anything"), 8943);
-        assert_eq!(key_slot(b"x{}y"), crc16(b"x{}y") % SLOTS);
-        assert_eq!(key_slot(b"123456789"), 0x31C3 % SLOTS);
-    }
 
     #[test]
     fn each_primary_gets_a_name_of_its_own_slots() {
