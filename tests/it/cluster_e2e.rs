@@ -171,7 +171,7 @@ fn the_docs_example_runs_through_sharded_streams_on_a_cluster() {
         cluster
             .primaries()
             .into_iter()
-            .map(|port| command_info_calls(&mut cluster.conn(port)))
+            .map(|port| command_calls(&mut cluster.conn(port), "command|info"))
             .sum()
     };
     let before = asked();
@@ -191,18 +191,6 @@ fn the_docs_example_runs_through_sharded_streams_on_a_cluster() {
         (1.0..=3.0).contains(&per_primary),
         "COMMAND INFO per primary in 8 s of a running worker: {per_primary}"
     );
-}
-
-/// How many COMMAND INFO calls the node has served (INFO commandstats).
-fn command_info_calls(conn: &mut ::redis::Connection) -> u64 {
-    let stats: String = ::redis::cmd("INFO")
-        .arg("commandstats")
-        .query(conn)
-        .unwrap();
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_command|info:calls="))
-        .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
 }
 
 #[test]

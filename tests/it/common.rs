@@ -349,6 +349,20 @@ pub fn pending(conn: &mut ::redis::Connection, names: &Names) -> u64 {
     }
 }
 
+/// How many times the server has run `command` (INFO commandstats: `hset`, `command|info`).
+pub fn command_calls(conn: &mut ::redis::Connection, command: &str) -> u64 {
+    let info: String = ::redis::cmd("INFO")
+        .arg("commandstats")
+        .query(conn)
+        .unwrap();
+    let prefix = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|rest| rest.split(',').next())
+        .map(|n| n.parse().unwrap())
+        .unwrap_or(0)
+}
+
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }

@@ -298,18 +298,6 @@ fn assert_acked_are_written(
     acked.len()
 }
 
-fn hset_calls(conn: &mut ::redis::Connection) -> u64 {
-    let info: String = ::redis::cmd("INFO")
-        .arg("commandstats")
-        .query(conn)
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_hset:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map(|n| n.parse().unwrap())
-        .unwrap_or(0)
-}
-
 /// Entries re-delivered, from the workers' logs: own pending resumed after a restart, and
 /// entries reclaimed from other consumers.
 fn redeliveries(logs: &[PathBuf]) -> (u64, u64) {
@@ -427,7 +415,7 @@ fn fault_injection_kills_a_redis_restart_and_poison_lose_nothing() {
             break;
         }
         if redis_restarts == 0 && acked >= total * 2 / 5 {
-            hset_before_restart = hset_calls(&mut conn);
+            hset_before_restart = command_calls(&mut conn, "hset");
             server.restart();
             redis_restarts += 1;
             conn = server.conn();
@@ -538,7 +526,7 @@ fn fault_injection_kills_a_redis_restart_and_poison_lose_nothing() {
     }
 
     let duplicate_letters = letters.len() - by_entry.len();
-    let hset_total = hset_before_restart + hset_calls(&mut conn);
+    let hset_total = hset_before_restart + command_calls(&mut conn, "hset");
     let (resumed, claimed) = redeliveries(&logs);
     eprintln!(
         "fault suite: {total} documents ({} valid, {} poison), 3 workers, {kills} SIGKILLs of w2, \
