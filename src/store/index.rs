@@ -253,7 +253,7 @@ pub fn vector_spec(info: &[(String, Value)], field: &str) -> Option<VectorSpec> 
 ///
 /// On a cluster without search coordinator: the same on every primary's own index, each made
 /// under a name of its own slots where missing (a primary added since is picked up), all at
-/// once ([`shard_index::ensure_each`]). Safe to call often: where every primary has its index
+/// once (`shard_index::ensure_each`). Safe to call often: where every primary has its index
 /// it costs two commands on each primary (FT._LIST, CLUSTER NODES; COMMAND INFO once a minute)
 /// and one FT.INFO, concurrently, so about two round trips; on one server or with a coordinator
 /// one FT.INFO, as before.

@@ -86,7 +86,7 @@ pub fn merge_infos(name: &str, shards: &[ShardInfo]) -> Option<Vec<(String, Valu
     Some(merged)
 }
 
-/// A fan-out failure as the Redis error the callers of [`info`] and [`drop`] expect.
+/// A fan-out failure as the Redis error the callers of [`index::info`] and [`index::drop`] expect.
 pub(super) fn into_redis(e: FanoutError) -> RedisError {
     match e {
         FanoutError::Redis(error) | FanoutError::Shard { error, .. } => error,

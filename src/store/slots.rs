@@ -115,10 +115,10 @@ pub fn slot_problem(prefix: &str, tombstone_prefix: &str) -> Option<String> {
         && !(own_tag.is_some() && own_tag == hash_tag(prefix.as_bytes()))
     {
         return Some(format!(
-            "configuration: index.tombstone_prefix {tombstone_prefix:?} has a '{{' that is not index.prefix's own hash tag, so on a Redis \
-             Cluster a document's tombstone would hash to another slot than the document, and \
-             every delete would be refused (CROSSSLOT). Fix: an index.tombstone_prefix \
-             (EMBED_WORKER__INDEX__TOMBSTONE_PREFIX) without '{{'"
+            "configuration: index.tombstone_prefix {tombstone_prefix:?} has a '{{' that is not \
+             index.prefix's own hash tag, so on a Redis Cluster a document's tombstone would hash \
+             to another slot than the document, and every delete would be refused (CROSSSLOT). \
+             Fix: an index.tombstone_prefix (EMBED_WORKER__INDEX__TOMBSTONE_PREFIX) without '{{'"
         ));
     }
     None
