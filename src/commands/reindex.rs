@@ -28,8 +28,9 @@ use anyhow::{bail, Context};
 
 use crate::model::Model;
 use crate::settings::Settings;
-use crate::store::documents::{self, DocFn, DocStore, ENTRY_FIELD, MODEL_FIELD, VERSION_FIELD};
+use crate::store::documents::{DocStore, ENTRY_FIELD, MODEL_FIELD, VERSION_FIELD};
 use crate::store::generation::{self, Generation, Phase, Record};
+use crate::store::library::{self, DocFn};
 use crate::store::reindex::{glob_escape, lacking, scan, wait_indexed, write_vectors, Written};
 use crate::store::reply::text;
 use crate::store::{index, Store};
@@ -144,7 +145,7 @@ struct Tally {
 
 impl Reindex<'_> {
     async fn execute(&mut self, conn: &mut Conn, drop_old: bool) -> anyhow::Result<ExitCode> {
-        if documents::ensure_library(conn).await? {
+        if library::ensure(conn).await? {
             eprintln!("reindex: loaded the embed_worker function library");
         }
         let fp = self.model.fingerprint.id.clone();

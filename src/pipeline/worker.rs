@@ -36,7 +36,7 @@ use crate::settings::Settings;
 use crate::store::connect::StoreError;
 use crate::store::documents::Writer;
 use crate::store::generation::{self, Generation, Verdict};
-use crate::store::{documents, index, stream};
+use crate::store::{index, library, stream};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
@@ -351,7 +351,7 @@ async fn check_model(ctx: &Ctx, conn: &mut Conn) -> Result<Option<Generation>, W
             return Err(mismatch(ctx, record));
         }
     }
-    if documents::ensure_library(conn)
+    if library::ensure(conn)
         .await
         .map_err(|e| ctx.store.error(e))?
     {

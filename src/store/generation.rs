@@ -199,7 +199,7 @@ pub async fn forget_old(conn: &mut Conn, key: &str) -> Result<(), RedisError> {
 /// two workers starting at once on two models, one wins and the other is refused).
 pub async fn adopt(conn: &mut Conn, key: &str, first: &Generation) -> Result<Record, RedisError> {
     let reply: Value = ::redis::cmd("FCALL")
-        .arg(super::documents::FN_ADOPT)
+        .arg(super::library::FN_ADOPT)
         .arg(1)
         .arg(key)
         .arg(&first.fingerprint)

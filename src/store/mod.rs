@@ -1,8 +1,8 @@
 //! The store: every command the worker sends to Redis, and the parsing of every reply.
 //! Connections from the settings ([`connect`]), the stream and its group ([`stream`]), document
-//! writes and deletes on hashes or JSON ([`documents`]; on a cluster each document's keys in its
-//! slot: [`slots`]), the index's model record
-//! ([`generation`]), the dead-letter stream read back ([`dead_letters`]), the FT index schema
+//! writes and deletes on hashes or JSON ([`documents`], through the Redis Functions of
+//! [`library`]; on a cluster each document's keys in its slot: [`slots`]), the index's model
+//! record ([`generation`]), the dead-letter stream read back ([`dead_letters`]), the FT index schema
 //! ([`index`]; on a cluster without search coordinator ([`coordinator`]) one per primary, which
 //! [`fanout`] names and [`shard_index`] covers), KNN queries ([`query`]) and the reindex's walks
 //! and vector writes ([`reindex`]).
@@ -16,6 +16,7 @@ pub mod documents;
 pub mod fanout;
 pub mod generation;
 pub mod index;
+pub mod library;
 pub mod query;
 pub mod reindex;
 pub mod replicas;
